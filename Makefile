@@ -1,0 +1,48 @@
+# qcowfs developer entry points. Every target is safe to run twice.
+#   make test   install what is missing (apt + .venv), lint, check layering, run the suite
+#   make demo   mount a sample chain, show it off, unmount
+#   make bench  fio through qcowfs beside qemu-storage-daemon (see docs/performance.md)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gcc \
+                python3-dev python3-venv
+BENCH_APT_PACKAGES := fio qemu-system-common
+PYTEST_ARGS ?=
+
+.PHONY: all test lint system-deps bench-deps venv demo bench clean
+
+all: test
+
+system-deps:
+	@./.ci/apt-ensure $(APT_PACKAGES)
+
+bench-deps:
+	@./.ci/apt-ensure $(BENCH_APT_PACKAGES)
+
+$(VENV)/.stamp: pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+lint: venv
+	$(VENV)/bin/ruff check qcowfs tests bench
+	$(VENV)/bin/lint-imports
+
+test: system-deps venv lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: system-deps venv
+	$(VPY) -m qcowfs.demo
+
+bench: system-deps bench-deps venv
+	$(VPY) bench/bench_fuse.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

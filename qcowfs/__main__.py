@@ -1,0 +1,5 @@
+import sys
+
+from qcowfs.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,186 @@
+"""The guest's view of a backing chain: one byte array of ``size`` bytes, and each internal
+snapshot of the top image as a read-only view over the same chain."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
+from qcowfs.format.snapshot import SnapshotEntry
+from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, FillFn, Mapping, Qcow2Image, zero_fill
+from qcowfs.image.raw import RawImage
+
+from .resolve import Layer, open_chain
+
+
+def _chain_fill(layers: list[Layer], depth: int) -> FillFn:
+    """The function that supplies unallocated guest ranges from ``layers[depth:]``: bytes past
+    the end of a shorter backing file read as zeros."""
+    if depth >= len(layers):
+        return zero_fill
+    layer = layers[depth]
+    below = _chain_fill(layers, depth + 1)
+    if isinstance(layer, Qcow2Image):
+        mapping = layer.active
+
+        def fill(buf: memoryview, offset: int) -> None:
+            avail = max(0, min(len(buf), mapping.size - offset))
+            if avail:
+                mapping.readinto(buf[:avail], offset, below)
+            if avail < len(buf):
+                zero_fill(buf[avail:])
+    else:
+        def fill(buf: memoryview, offset: int) -> None:
+            layer.readinto(buf, offset)
+    return fill
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """An internal snapshot as the library shows it. ``size`` is its own disk size,
+    ``vm_clock`` the guest clock in nanoseconds."""
+
+    id: str
+    name: str
+    size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock: int
+    vm_state_size: int
+    icount: int | None
+
+    @property
+    def date(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.date_sec + self.date_nsec / 1e9,
+                                               tz=datetime.UTC)
+
+    @classmethod
+    def from_entry(cls, entry: SnapshotEntry, image_size: int) -> SnapshotInfo:
+        return cls(id=entry.id, name=entry.name,
+                   size=entry.disk_size if entry.disk_size is not None else image_size,
+                   date_sec=entry.date_sec, date_nsec=entry.date_nsec,
+                   vm_clock=entry.vm_clock_nsec, vm_state_size=entry.vm_state_size,
+                   icount=entry.icount)
+
+
+class _View:
+    """Reads of one guest view, clipped at its size."""
+
+    size: int
+    path: str
+
+    def _readinto_view(self, buf: memoryview, offset: int) -> None:
+        raise NotImplementedError
+
+    def readinto(self, buf: memoryview | bytearray, offset: int) -> int:
+        """Fill as much of ``buf`` as the disk has from ``offset``; returns the byte count."""
+        if offset < 0:
+            raise ValueError("negative offset")
+        view = memoryview(buf)
+        n = max(0, min(len(view), self.size - offset))
+        if n:
+            self._readinto_view(view[:n], offset)
+        return n
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes, fewer only at the end of the disk."""
+        if length < 0:
+            raise ValueError("negative length")
+        n = max(0, min(length, self.size - offset))
+        buf = bytearray(n)
+        if n:
+            self._readinto_view(memoryview(buf), offset)
+        return bytes(buf)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class SnapshotDisk(_View):
+    """A read-only view of an internal snapshot over the top image's current backing chain."""
+
+    writable = False
+
+    def __init__(self, disk: Disk, mapping: Mapping, info: SnapshotInfo):
+        self._disk = disk
+        self.mapping = mapping
+        self.info = info
+        self.size = mapping.size
+        self.path = disk.path
+        self._fill = _chain_fill(disk.layers, 1)
+
+    def _readinto_view(self, buf: memoryview, offset: int) -> None:
+        self.mapping.readinto(buf, offset, self._fill)
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise ReadOnlyError(self.path, f"snapshot {self.info.id} is read-only")
+
+
+class Disk(_View):
+    """The guest disk of an image and its backing chain (see :func:`qcowfs.open_image`)."""
+
+    def __init__(self, layers: list[Layer], writable: bool):
+        self.layers = layers
+        self.top = layers[0]
+        self.path = self.top.path
+        self.writable = writable
+        self._fill = _chain_fill(layers, 1)
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        top = self.top
+        return top.active.size if isinstance(top, Qcow2Image) else top.size
+
+    def _readinto_view(self, buf: memoryview, offset: int) -> None:
+        top = self.top
+        if isinstance(top, Qcow2Image):
+            top.active.readinto(buf, offset, self._fill)
+        else:
+            top.readinto(buf, offset)
+
+    @property
+    def snapshots(self) -> list[SnapshotInfo]:
+        top = self.top
+        if not isinstance(top, Qcow2Image):
+            return []
+        return [SnapshotInfo.from_entry(s, top.header.size) for s in top.snapshots]
+
+    def snapshot(self, id_or_name: str) -> SnapshotDisk:
+        """A read-only view of an internal snapshot, by id or (unambiguous) name."""
+        top = self.top
+        if not isinstance(top, Qcow2Image):
+            raise ImageError(self.path, "a raw image has no snapshots")
+        entry = top.find_snapshot(id_or_name)
+        mapping = top.snapshot_mapping(entry)
+        return SnapshotDisk(self, mapping, SnapshotInfo.from_entry(entry, top.header.size))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for layer in self.layers:
+            layer.close()
+
+
+def open_image(path: str, writable: bool = False, *, format: str | None = None,
+               l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES) -> Disk:
+    """Open ``path`` and its whole backing chain as one guest disk.
+
+    Backing files are always opened read-only. ``format`` is 'qcow2' or 'raw' (probed when
+    None). Every problem raises a subclass of :class:`qcowfs.ImageError`.
+    """
+    if writable:
+        raise UnsupportedError(path, "writable opens are not available yet")
+    layers = open_chain(path, fmt=format, writable=writable, l2_cache_bytes=l2_cache_bytes)
+    return Disk(layers, writable)
+
+
+__all__ = ["Disk", "SnapshotDisk", "SnapshotInfo", "open_image", "RawImage"]

@@ -1,0 +1,75 @@
+"""The ``qcowfs`` command: dispatches to one module per command.
+
+Each command module defines ``register(subparsers)``, which adds its parser and sets
+``func=run``; ``run(args)`` returns the exit code. Errors print one line,
+``qcowfs: <what>: <why>``; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qcowfs.errors import ImageError
+
+COMMANDS = (
+    "mount", "umount", "create", "info", "check", "commit", "rebase", "snapshot", "resize",
+    "map", "convert", "compare",
+)
+
+EXIT_ERROR = 1
+
+
+class CommandError(Exception):
+    """A command failed for a reason other than the image itself (bad arguments, ...)."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcowfs", description="qcow2 images as raw disks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"qcowfs.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"qcowfs.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    try:
+        return int(args.func(args) or 0)
+    except (ImageError, CommandError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"qcowfs: {args.command}: {_reason(exc)}", file=sys.stderr)
+        return getattr(exc, "code", None) if isinstance(exc, CommandError) else EXIT_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"qcowfs: {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, ImageError):
+        name = f"{exc.filename}: " if exc.filename else ""
+        return f"{name}{exc.strerror or exc}"
+    return str(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Compressed clusters: raw deflate (window 4 KiB, as QEMU needs) and zstd frames."""
+
+from __future__ import annotations
+
+import zlib
+
+import zstandard
+
+from qcowfs.errors import FormatError
+from qcowfs.format.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+
+_DEFLATE_WBITS = -12  # raw deflate with a 4 KiB window: QEMU cannot read larger windows
+
+
+def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) -> bytes:
+    """Exactly ``cluster_size`` bytes from the compressed stream at the start of ``data``.
+
+    ``data`` may run on past the stream (descriptors count whole sectors); a stream that ends
+    short or is garbage raises FormatError. Output is capped at one cluster, so a hostile stream
+    cannot make this allocate more.
+    """
+    try:
+        if compression_type == COMPRESSION_ZLIB:
+            d = zlib.decompressobj(_DEFLATE_WBITS)
+            out = d.decompress(data, cluster_size)
+        elif compression_type == COMPRESSION_ZSTD:
+            out = _zstd_decompress(data, cluster_size)
+        else:
+            raise FormatError(None, f"unknown compression type {compression_type}")
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise FormatError(None, f"compressed cluster cannot be decompressed: {exc}") from None
+    if len(out) != cluster_size:
+        raise FormatError(None, "compressed cluster decompresses to the wrong size")
+    return out
+
+
+def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
+    # A cluster may be stored as several frames back to back; never produce more than a cluster.
+    reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+    out = bytearray()
+    while len(out) < cluster_size:
+        chunk = reader.read(cluster_size - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def compress_cluster(data: bytes, compression_type: int, level: int | None = None) -> bytes | None:
+    """The compressed form of one cluster, or None when it would not save a sector."""
+    if compression_type == COMPRESSION_ZLIB:
+        c = zlib.compressobj(level if level is not None else zlib.Z_DEFAULT_COMPRESSION,
+                             zlib.DEFLATED, _DEFLATE_WBITS, 9)
+        out = c.compress(data) + c.flush()
+    elif compression_type == COMPRESSION_ZSTD:
+        out = zstandard.ZstdCompressor(level=level if level is not None else 3,
+                                       write_content_size=False).compress(data)
+    else:
+        raise FormatError(None, f"unknown compression type {compression_type}")
+    if len(out) + 512 > len(data):
+        return None
+    return out

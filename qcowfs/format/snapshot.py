@@ -1,0 +1,100 @@
+"""The internal snapshot table: variable-length entries, 8-byte aligned."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from qcowfs.errors import FormatError
+
+MAX_SNAPSHOTS = 65536
+MAX_TABLE_BYTES = 64 * 1024 * 1024
+MAX_EXTRA_DATA = 1024
+V3_MIN_EXTRA_DATA = 16  # vm_state_size_large and disk_size
+_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
+_EXTRA = struct.Struct(">QQQ")  # vm_state_size_large, disk_size, icount
+
+
+@dataclass
+class SnapshotEntry:
+    """One snapshot table entry. ``disk_size`` is None when the entry does not record it (then
+    the image's size applies); ``icount`` is None when absent."""
+
+    id: str
+    name: str
+    l1_table_offset: int
+    l1_size: int
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    disk_size: int | None = None
+    icount: int | None = None
+    extra_data_size: int = _EXTRA.size
+    unknown_extra: bytes = b""
+
+    def encoded_size(self) -> int:
+        n = _ENTRY.size + self.extra_data_size + len(self.id.encode()) + len(self.name.encode())
+        return (n + 7) & ~7
+
+
+def parse_snapshot_table(buf: bytes, count: int) -> tuple[list[SnapshotEntry], int]:
+    """Parse ``count`` entries from ``buf``; returns the entries and the bytes they took."""
+    if count > MAX_SNAPSHOTS:
+        raise FormatError(None, f"too many snapshots ({count})")
+    entries: list[SnapshotEntry] = []
+    pos = 0
+    for i in range(count):
+        if pos + _ENTRY.size > len(buf):
+            raise FormatError(None, f"snapshot table entry {i} runs past the table")
+        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
+         extra_size) = _ENTRY.unpack_from(buf, pos)
+        pos += _ENTRY.size
+        if extra_size > MAX_EXTRA_DATA:
+            raise FormatError(None, f"snapshot table entry {i} has too much extra data "
+                                    f"({extra_size} bytes)")
+        end = pos + extra_size + id_len + name_len
+        if end > len(buf):
+            raise FormatError(None, f"snapshot table entry {i} runs past the table")
+        extra = bytes(buf[pos:pos + extra_size])
+        pos += extra_size
+        ident = _text(buf[pos:pos + id_len], i, "id")
+        pos += id_len
+        name = _text(buf[pos:pos + name_len], i, "name")
+        pos += name_len
+        pos = (pos + 7) & ~7
+        padded = extra.ljust(_EXTRA.size, b"\0")
+        vm_large, disk_size, icount = _EXTRA.unpack_from(padded, 0)
+        entries.append(SnapshotEntry(
+            id=ident, name=name, l1_table_offset=l1_off, l1_size=l1_size, date_sec=date_sec,
+            date_nsec=date_nsec, vm_clock_nsec=vm_clock,
+            vm_state_size=vm_large if extra_size >= 8 else vm_state32,
+            disk_size=disk_size if extra_size >= 16 else None,
+            icount=icount if extra_size >= 24 else None,
+            extra_data_size=extra_size, unknown_extra=extra[_EXTRA.size:]))
+        if pos > MAX_TABLE_BYTES:
+            raise FormatError(None, "snapshot table larger than 64 MiB")
+    return entries, min(pos, len(buf))
+
+
+def _text(raw: bytes, index: int, what: str) -> str:
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return bytes(raw).decode("latin-1")
+
+
+def serialize_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
+    """The table as QEMU writes it: each entry with (at least) 24 bytes of extra data."""
+    out = bytearray()
+    for e in entries:
+        extra = _EXTRA.pack(e.vm_state_size, e.disk_size or 0,
+                            e.icount if e.icount is not None else (1 << 64) - 1)
+        extra += e.unknown_extra
+        ident, name = e.id.encode(), e.name.encode()
+        out += _ENTRY.pack(e.l1_table_offset, e.l1_size, len(ident), len(name), e.date_sec,
+                           e.date_nsec, e.vm_clock_nsec, min(e.vm_state_size, 0xFFFFFFFF),
+                           len(extra))
+        out += extra + ident + name
+        out += b"\0" * (-len(out) % 8)
+    return bytes(out)

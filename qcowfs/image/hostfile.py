@@ -1,0 +1,113 @@
+"""A host file under an image: positional I/O that turns OSError into HostIOError."""
+
+from __future__ import annotations
+
+import os
+
+from qcowfs.errors import FormatError, HostIOError
+
+
+class HostFile:
+    """An open file descriptor with exact positional reads and writes.
+
+    Short reads only happen at the end of the file; ``read_exact`` turns them into a
+    FormatError because a table that runs past the end of the file is a broken image.
+    """
+
+    def __init__(self, path: str, writable: bool = False):
+        self.path = path
+        self.writable = writable
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as exc:
+            raise HostIOError.from_oserror(path, exc, "cannot open") from None
+        self._size = self._stat_size()
+
+    def _stat_size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise HostIOError.from_oserror(self.path, exc, "cannot stat") from None
+
+    @property
+    def size(self) -> int:
+        """The file's size as last seen (kept current by this object's own writes)."""
+        return self._size
+
+    def refresh_size(self) -> int:
+        self._size = self._stat_size()
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; fewer only at the end of the file."""
+        try:
+            data = os.pread(self.fd, length, offset)
+            if len(data) < length and data:
+                parts = [data]
+                got = len(data)
+                while got < length:
+                    more = os.pread(self.fd, length - got, offset + got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+            return data
+        except OSError as exc:
+            raise HostIOError.from_oserror(self.path, exc, f"read at offset {offset} failed") \
+                from None
+
+    def read_exact(self, offset: int, length: int, what: str) -> bytes:
+        data = self.read(offset, length)
+        if len(data) != length:
+            raise FormatError(self.path, f"{what} at offset {offset} runs past the end of the file")
+        return data
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; returns how many bytes came (less only at EOF)."""
+        total = 0
+        want = len(buf)
+        try:
+            while total < want:
+                n = os.preadv(self.fd, [buf[total:]], offset + total)
+                if n == 0:
+                    break
+                total += n
+        except OSError as exc:
+            raise HostIOError.from_oserror(self.path, exc, f"read at offset {offset} failed") \
+                from None
+        return total
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as exc:
+            raise HostIOError.from_oserror(self.path, exc, f"write at offset {offset} failed") \
+                from None
+        end = offset + len(view)
+        if end > self._size:
+            self._size = end
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise HostIOError.from_oserror(self.path, exc, "fsync failed") from None
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise HostIOError.from_oserror(self.path, exc, f"truncate to {size} failed") from None
+        self._size = size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = -1

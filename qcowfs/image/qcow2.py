@@ -1,0 +1,472 @@
+"""One open qcow2 file: header, L1/L2 mapping, compressed clusters, snapshot table.
+
+The read side is built around :meth:`Mapping.extents`, which turns a guest byte range into runs
+of the same kind (data contiguous on the host, zeros, unallocated, compressed). Reads, ``map``,
+commit, rebase and convert all walk those runs; a run of data becomes one ``preadv``.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qcowfs.errors import (
+    BackingChainError,
+    FormatError,
+    HostIOError,
+    ImageError,
+    UnsupportedError,
+)
+from qcowfs.format import header as hdr
+from qcowfs.format.compression import decompress_cluster
+from qcowfs.format.snapshot import (
+    MAX_SNAPSHOTS,
+    MAX_TABLE_BYTES,
+    SnapshotEntry,
+    parse_snapshot_table,
+)
+from qcowfs.format.tables import (
+    COMPRESSED,
+    COPIED,
+    L1E_OFFSET_MASK,
+    L1E_RESERVED_MASK,
+    L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    SUB_ALLOC_MASK,
+    SUBCLUSTERS,
+    ZERO_FLAG,
+    ClusterKind,
+    CompressedLayout,
+    decode_u64_table,
+)
+from qcowfs.image.cache import TableCache
+from qcowfs.image.hostfile import HostFile
+
+UNALLOCATED = ClusterKind.UNALLOCATED
+ZERO = ClusterKind.ZERO
+NORMAL = ClusterKind.NORMAL
+COMPRESSED_KIND = ClusterKind.COMPRESSED
+
+DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+COMPRESSED_CACHE_CLUSTERS = 16
+_ZEROS = bytes(1 << 21)
+
+FillFn = Callable[[memoryview, int], None]
+
+
+def zero_fill(buf: memoryview, offset: int = 0) -> None:
+    """Fill ``buf`` with zero bytes (the fill for a range nothing below provides)."""
+    n = len(buf)
+    pos = 0
+    while pos < n:
+        step = min(n - pos, len(_ZEROS))
+        buf[pos:pos + step] = _ZEROS[:step]
+        pos += step
+
+
+@dataclass(slots=True)
+class Extent:
+    """A guest byte range of one kind. For NORMAL, ``host`` is the host offset of ``offset``
+    (in the data file when the image has one); for ZERO it is the preallocated host offset or 0;
+    for COMPRESSED, ``entry`` is the L2 descriptor (a range never spans two compressed
+    clusters)."""
+
+    offset: int
+    length: int
+    kind: ClusterKind
+    host: int = 0
+    entry: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+class Mapping:
+    """A guest view of one L1 table of an image: the active disk, or one internal snapshot."""
+
+    def __init__(self, image: Qcow2Image, l1: array, size: int, name: str):
+        self.image = image
+        self.l1 = l1
+        self.size = size
+        self.name = name
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """The runs that make up ``[offset, offset + length)``, in order, merged where the
+        kind (and, for data, the host position) continues."""
+        img = self.image
+        cb = img.cluster_bits
+        cs = 1 << cb
+        cmask = cs - 1
+        l2_bits = img.l2_bits
+        l2_mask = (1 << l2_bits) - 1
+        extended = img.extended_l2
+        has_data_file = img.has_data_file
+        version = img.header.version
+        l1 = self.l1
+        out: list[Extent] = []
+        pos = offset
+        end = offset + length
+        last: Extent | None = None
+        while pos < end:
+            cidx = pos >> cb
+            l1i = cidx >> l2_bits
+            span_end = min(end, (l1i + 1) << (l2_bits + cb))
+            l1e = l1[l1i] if l1i < len(l1) else 0
+            if l1e & L1E_RESERVED_MASK:
+                raise FormatError(img.path, f"L1 entry {l1i} (0x{l1e:016x}) has reserved bits set")
+            l2_off = l1e & L1E_OFFSET_MASK
+            if not l2_off:
+                n = span_end - pos
+                if last is not None and last.kind == UNALLOCATED:
+                    last.length += n
+                else:
+                    last = Extent(pos, n, UNALLOCATED)
+                    out.append(last)
+                pos = span_end
+                continue
+            table = img.l2_table(l2_off)
+            l2i = cidx & l2_mask
+            while pos < span_end:
+                within = pos & cmask
+                n = min(cs - within, span_end - pos)
+                if extended:
+                    entry = table[2 * l2i]
+                    bitmap = table[2 * l2i + 1]
+                    if bitmap and not entry & COMPRESSED:
+                        last = self._subclusters(out, last, pos, n, entry, bitmap, l2i)
+                        pos += n
+                        l2i += 1
+                        continue
+                    if entry & ZERO_FLAG and not entry & COMPRESSED:
+                        raise FormatError(img.path, f"extended L2 entry 0x{entry:016x} has "
+                                                    f"reserved bits set")
+                else:
+                    entry = table[l2i]
+                if entry & COMPRESSED:
+                    if entry & COPIED or has_data_file:
+                        raise FormatError(img.path, f"invalid compressed L2 entry 0x{entry:016x}"
+                                                    f" for guest offset {pos}")
+                    last = Extent(pos, n, COMPRESSED_KIND, 0, entry)
+                    out.append(last)
+                    pos += n
+                    l2i += 1
+                    continue
+                if entry & L2E_STD_RESERVED_MASK:
+                    raise FormatError(img.path, f"L2 entry 0x{entry:016x} for guest offset {pos}"
+                                                f" has reserved bits set")
+                host = entry & L2E_OFFSET_MASK
+                if host & cmask:
+                    raise FormatError(img.path, f"L2 entry for guest offset {pos} points at "
+                                                f"unaligned host offset {host}")
+                if entry & ZERO_FLAG:
+                    if version < 3:
+                        raise FormatError(img.path, "zero cluster entry in a version 2 image")
+                    kind = ZERO
+                    host = host + within if host else 0
+                elif host or (has_data_file and entry & COPIED):
+                    kind = NORMAL
+                    host += within
+                else:
+                    kind = UNALLOCATED
+                if last is not None and last.kind == kind and (
+                        kind is UNALLOCATED or last.host + last.length == host
+                        or (kind is ZERO and not host and not last.host)):
+                    last.length += n
+                else:
+                    last = Extent(pos, n, kind, host)
+                    out.append(last)
+                pos += n
+                l2i += 1
+        return out
+
+    def _subclusters(self, out: list[Extent], last: Extent | None, pos: int, n: int,
+                     entry: int, bitmap: int, l2i: int) -> Extent | None:
+        img = self.image
+        cs = img.cluster_size
+        sub = cs // SUBCLUSTERS
+        if entry & (L2E_STD_RESERVED_MASK | ZERO_FLAG):
+            raise FormatError(img.path, f"extended L2 entry 0x{entry:016x} has reserved bits set")
+        host = entry & L2E_OFFSET_MASK
+        if host & (cs - 1):
+            raise FormatError(img.path, f"L2 entry for guest offset {pos} points at unaligned "
+                                        f"host offset {host}")
+        allocated = bool(host) or bool(img.has_data_file and entry & COPIED)
+        alloc_bits = bitmap & SUB_ALLOC_MASK
+        zero_bits = bitmap >> 32
+        if alloc_bits & zero_bits:
+            raise FormatError(img.path, f"extended L2 entry {l2i} marks a subcluster both "
+                                        f"allocated and zero")
+        if alloc_bits and not allocated:
+            raise FormatError(img.path, f"extended L2 entry {l2i} allocates subclusters of an "
+                                        f"unallocated cluster")
+        cluster_start = pos - (pos & (cs - 1))
+        end = pos + n
+        while pos < end:
+            i = (pos - cluster_start) // sub
+            step = min(cluster_start + (i + 1) * sub, end) - pos
+            if alloc_bits >> i & 1:
+                kind = NORMAL
+                h = host + (pos - cluster_start)
+            elif zero_bits >> i & 1:
+                kind, h = ZERO, 0
+            else:
+                kind, h = UNALLOCATED, 0
+            if last is not None and last.kind == kind and (
+                    kind != NORMAL or last.host + last.length == h):
+                last.length += step
+            else:
+                last = Extent(pos, step, kind, h)
+                out.append(last)
+            pos += step
+        return last
+
+    def readinto(self, buf: memoryview, offset: int, fill: FillFn = zero_fill) -> None:
+        """Fill ``buf`` with the guest bytes at ``offset`` (the caller clips to ``size``).
+
+        ``fill(view, guest_offset)`` supplies unallocated ranges: the backing chain, or zeros.
+        """
+        img = self.image
+        for e in self.extents(offset, len(buf)):
+            start = e.offset - offset
+            part = buf[start:start + e.length]
+            kind = e.kind
+            if kind == NORMAL:
+                img.read_data(part, e.host)
+            elif kind == UNALLOCATED:
+                fill(part, e.offset)
+            elif kind == ZERO:
+                zero_fill(part)
+            else:
+                data = img.compressed_cluster(e.entry)
+                within = e.offset & (img.cluster_size - 1)
+                part[:] = data[within:within + e.length]
+
+    def read(self, offset: int, length: int, fill: FillFn = zero_fill) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        buf = bytearray(length)
+        self.readinto(memoryview(buf), offset, fill)
+        return bytes(buf)
+
+
+class Qcow2Image:
+    """An open qcow2 file. Opening reads cluster 0, the L1 table and the snapshot table: nothing
+    in proportion to the virtual size."""
+
+    format = "qcow2"
+
+    def __init__(self, path: str, file: HostFile, header: hdr.Header, *,
+                 l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES):
+        self.path = path
+        self.file = file
+        self.header = header
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = 1 << header.cluster_bits
+        self.extended_l2 = header.extended_l2
+        self.l2_bits = header.cluster_bits - (4 if self.extended_l2 else 3)
+        self.l2_entries = 1 << self.l2_bits
+        self.has_data_file = header.has_data_file
+        self.data_file: HostFile = file
+        self.compressed = CompressedLayout(header.cluster_bits)
+        self.l2_cache: TableCache[array] = TableCache(
+            max(16, l2_cache_bytes // self.cluster_size), self._load_l2)
+        self._compressed_cache: OrderedDict[int, bytes] = OrderedDict()
+        self.snapshots: list[SnapshotEntry] = []
+        self.snapshot_table_bytes = 0
+        self.active: Mapping = Mapping(self, array("Q"), header.size, "active")
+        self.writable = file.writable
+
+    # --- opening --------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False,
+             l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+             data_file_path: str | None = None) -> Qcow2Image:
+        file = HostFile(path, writable)
+        try:
+            header = read_header(file)
+            image = cls(path, file, header, l2_cache_bytes=l2_cache_bytes)
+            image._validate_and_load(data_file_path)
+            return image
+        except BaseException:
+            file.close()
+            raise
+
+    def _validate_and_load(self, data_file_path: str | None) -> None:
+        h = self.header
+        path = self.path
+        cs = self.cluster_size
+        if h.crypt_method != hdr.CRYPT_NONE:
+            kind = "AES" if h.crypt_method == hdr.CRYPT_AES else "LUKS"
+            raise UnsupportedError(path, f"encrypted images ({kind}) are not supported yet")
+        if h.refcount_table_clusters == 0:
+            raise FormatError(path, "image does not contain a reference count table")
+        if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
+            raise FormatError(path, "reference count table too large")
+        if h.refcount_table_offset % cs or not h.refcount_table_offset:
+            raise FormatError(path, "invalid reference count table offset")
+        if h.l1_size * 8 > MAX_L1_BYTES:
+            raise FormatError(path, "active L1 table too large")
+        needed = hdr.l1_entries_needed(h.size, h.cluster_bits, h.extended_l2)
+        if h.l1_size < needed:
+            raise FormatError(path, "L1 table is too small")
+        if h.l1_size and (h.l1_table_offset % cs or not h.l1_table_offset):
+            raise FormatError(path, "invalid L1 table offset")
+        if h.nb_snapshots > MAX_SNAPSHOTS:
+            raise FormatError(path, f"too many snapshots ({h.nb_snapshots})")
+        if h.nb_snapshots and (h.snapshots_offset % cs or not h.snapshots_offset):
+            raise FormatError(path, "invalid snapshot table offset")
+        if self.has_data_file:
+            self._open_data_file(data_file_path)
+        l1 = self.read_l1(h.l1_table_offset, h.l1_size, "active L1 table")
+        self.active = Mapping(self, l1, h.size, "active")
+        self._load_snapshot_table()
+
+    def _open_data_file(self, override: str | None) -> None:
+        name = override or self.header.data_file
+        if not name:
+            raise FormatError(self.path, "image needs an external data file but names none")
+        full = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        try:
+            self.data_file = HostFile(full, self.file.writable)
+        except HostIOError as exc:
+            raise BackingChainError(self.path, f"cannot open external data file {full!r}: "
+                                               f"{exc.reason}") from None
+
+    def read_l1(self, offset: int, entries: int, what: str) -> array:
+        if not entries:
+            return array("Q")
+        if offset + entries * 8 > self.file.size:
+            raise FormatError(self.path, f"{what} runs past the end of the file")
+        return decode_u64_table(self.file.read_exact(offset, entries * 8, what))
+
+    def _load_snapshot_table(self) -> None:
+        h = self.header
+        if not h.nb_snapshots:
+            return
+        if h.snapshots_offset >= self.file.size:
+            raise FormatError(self.path, "snapshot table lies past the end of the file")
+        want = min(64 * 1024, MAX_TABLE_BYTES)
+        while True:
+            avail = min(want, self.file.size - h.snapshots_offset, MAX_TABLE_BYTES)
+            buf = self.file.read(h.snapshots_offset, avail)
+            try:
+                self.snapshots, self.snapshot_table_bytes = parse_snapshot_table(
+                    buf, h.nb_snapshots)
+                return
+            except FormatError as exc:
+                if "runs past" in exc.reason and avail == want and want < MAX_TABLE_BYTES:
+                    want *= 4
+                    continue
+                raise FormatError(self.path, exc.reason) from None
+
+    # --- tables -----------------------------------------------------------------------------
+
+    def _load_l2(self, offset: int) -> array:
+        cs = self.cluster_size
+        if offset & (cs - 1):
+            raise FormatError(self.path, f"L2 table at unaligned offset {offset}")
+        if offset + cs > self.file.size:
+            self.file.refresh_size()
+            if offset + cs > self.file.size:
+                raise FormatError(self.path, f"L2 table at offset {offset} lies past the end of "
+                                             f"the file")
+        return decode_u64_table(self.file.read_exact(offset, cs, "L2 table"))
+
+    def l2_table(self, offset: int) -> array:
+        return self.l2_cache.get(offset)
+
+    def read_data(self, buf: memoryview, host: int) -> None:
+        """Read guest data stored at ``host`` in the data file; zeros past its end."""
+        f = self.data_file
+        got = f.readinto(buf, host)
+        if got < len(buf):
+            # Past the end of the file: the tail of a last, partly written cluster reads as
+            # zeros; a whole cluster out there is a broken pointer.
+            cs = self.cluster_size
+            eof = f.refresh_size()
+            if not self.header.data_file_raw and (eof + cs - 1) // cs * cs < host + len(buf):
+                raise FormatError(self.path, f"data cluster at host offset {host + got} lies "
+                                             f"past the end of {f.path}")
+            zero_fill(buf[got:])
+
+    def compressed_cluster(self, entry: int) -> bytes:
+        """The decompressed cluster a compressed L2 entry describes (small LRU cache)."""
+        cache = self._compressed_cache
+        data = cache.get(entry)
+        if data is not None:
+            cache.move_to_end(entry)
+            return data
+        host, length = self.compressed.decode(entry)
+        if host >= self.file.size:
+            raise FormatError(self.path, f"compressed cluster at host offset {host} lies past the "
+                                         f"end of the file")
+        raw = self.file.read(host, length)
+        try:
+            data = decompress_cluster(raw, self.cluster_size, self.header.compression_type)
+        except FormatError as exc:
+            raise FormatError(self.path, f"{exc.reason} (host offset {host})") from None
+        cache[entry] = data
+        if len(cache) > COMPRESSED_CACHE_CLUSTERS:
+            cache.popitem(last=False)
+        return data
+
+    # --- snapshots --------------------------------------------------------------------------
+
+    def find_snapshot(self, id_or_name: str) -> SnapshotEntry:
+        """By id first, then by name (QEMU's order); a name two snapshots share is ambiguous."""
+        for s in self.snapshots:
+            if s.id == id_or_name:
+                return s
+        named = [s for s in self.snapshots if s.name == id_or_name]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise ImageError(self.path, f"snapshot name {id_or_name!r} is ambiguous; use its id")
+        raise ImageError(self.path, f"no snapshot with id or name {id_or_name!r}")
+
+    def snapshot_mapping(self, snap: SnapshotEntry) -> Mapping:
+        size = snap.disk_size if snap.disk_size is not None else self.header.size
+        cs = self.cluster_size
+        what = f"L1 table of snapshot {snap.id}"
+        if snap.l1_size * 8 > MAX_L1_BYTES:
+            raise FormatError(self.path, f"{what} too large")
+        if snap.l1_size < hdr.l1_entries_needed(size, self.cluster_bits, self.extended_l2):
+            raise FormatError(self.path, f"{what} too small for its disk size")
+        if snap.l1_size and (snap.l1_table_offset % cs or not snap.l1_table_offset):
+            raise FormatError(self.path, f"{what} at invalid offset {snap.l1_table_offset}")
+        l1 = self.read_l1(snap.l1_table_offset, snap.l1_size, what)
+        return Mapping(self, l1, size, f"snapshot {snap.id}")
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.data_file is not self.file:
+            self.data_file.close()
+        self.file.close()
+
+
+def read_header(file: HostFile) -> hdr.Header:
+    """Parse cluster 0 of ``file``; errors name the file."""
+    head = file.read(0, 104)
+    if len(head) < 4 or head[:4] != hdr.MAGIC:
+        raise FormatError(file.path, "not a qcow2 image")
+    if len(head) < 24:
+        raise FormatError(file.path, "file too short for a qcow2 header")
+    cluster_bits = int.from_bytes(head[20:24], "big")
+    if not hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS:
+        raise FormatError(file.path, f"unsupported cluster size: 2^{cluster_bits} bytes")
+    cluster0 = file.read(0, 1 << cluster_bits)
+    try:
+        return hdr.parse_header(cluster0)
+    except ImageError as exc:
+        raise type(exc)(file.path, exc.reason) from None
+
+
+def is_qcow2(file: HostFile) -> bool:
+    return file.read(0, 4) == hdr.MAGIC

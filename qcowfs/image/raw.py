@@ -1,0 +1,81 @@
+"""A raw image file: a backing file, a convert source or target. The guest disk is the file."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from qcowfs.errors import HostIOError, ReadOnlyError
+from qcowfs.format.tables import ClusterKind
+from qcowfs.image.hostfile import HostFile
+from qcowfs.image.qcow2 import Extent, FillFn, zero_fill
+
+
+class RawImage:
+    format = "raw"
+
+    def __init__(self, path: str, file: HostFile):
+        self.path = path
+        self.file = file
+        self.writable = file.writable
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False) -> RawImage:
+        return cls(path, HostFile(path, writable))
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Data and holes as the host file system reports them (SEEK_DATA/SEEK_HOLE); holes
+        read as zeros."""
+        end = min(offset + length, self.size)
+        out: list[Extent] = []
+        pos = offset
+        fd = self.file.fd
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    data = end
+                else:
+                    out.append(Extent(pos, end - pos, ClusterKind.NORMAL, pos))
+                    break
+            data = min(data, end)
+            if data > pos:
+                out.append(Extent(pos, data - pos, ClusterKind.ZERO))
+                pos = data
+                if pos >= end:
+                    break
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = min(hole, end)
+            out.append(Extent(pos, hole - pos, ClusterKind.NORMAL, pos))
+            pos = hole
+        return out
+
+    def readinto(self, buf: memoryview, offset: int, fill: FillFn = zero_fill) -> None:
+        got = self.file.readinto(buf, offset)
+        if got < len(buf):
+            zero_fill(buf[got:])
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not self.writable:
+            raise ReadOnlyError(self.path, "image is open read-only")
+        self.file.write(offset, data)
+
+    def flush(self) -> None:
+        self.file.sync()
+
+    def truncate(self, size: int) -> None:
+        self.file.truncate(size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+__all__ = ["RawImage", "HostIOError"]
