@@ -12,7 +12,7 @@ def describe(path: str, fmt: str | None = None, *, backing_chain: bool = False) 
     """qemu-img ``info`` objects: the image alone, or (``backing_chain``) every image of its
     chain, top first. Without ``backing_chain`` the backing file need not exist."""
     if not backing_chain:
-        layer = open_layer(path, fmt)
+        layer = open_layer(path, fmt, open_data_file=False)
         try:
             return [image_info(layer, path)]
         finally:
