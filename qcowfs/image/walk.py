@@ -89,6 +89,7 @@ class _Walker:
         self.file_clusters = -(-self.file.refresh_size() // self.cs)
         self.tally = Tally(self.cs, array("Q", bytes(8 * self.file_clusters)))
         self.max_beyond = max_clusters_beyond_eof
+        self._next_host = 0
 
     def defect(self, message: str, offset: int = 0) -> None:
         self.tally.defects.append(Defect(CORRUPTION, message, offset))
@@ -154,7 +155,6 @@ class _Walker:
         stats = self.tally.stats
         if active:
             stats.total_clusters = -(-self.h.size // self.cs)
-        self._last_host = -1
         for i, entry in enumerate(l1):
             l2_off = entry & L1E_OFFSET_MASK
             if entry & L1E_RESERVED_MASK:
@@ -192,9 +192,10 @@ class _Walker:
                 start = host & ~511
                 self.ref(start, (host - start) + length, "compressed cluster")
                 if active:
+                    # QEMU counts every compressed cluster as fragmented: neighbours share sectors.
                     stats.allocated_clusters += 1
                     stats.compressed_clusters += 1
-                    self._fragment(-1)
+                    stats.fragmented_clusters += 1
                 continue
             reserved = L2E_STD_RESERVED_MASK | (ZERO_FLAG if extended else 0)
             if entry & reserved:
@@ -226,9 +227,9 @@ class _Walker:
                 self.ref(host, cs, "data cluster")
 
     def _fragment(self, host: int) -> None:
-        if self._last_host >= 0 and host != self._last_host + self.cs:
+        if self._next_host and host != self._next_host:
             self.tally.stats.fragmented_clusters += 1
-        self._last_host = host
+        self._next_host = host + self.cs
 
     def walk_bitmaps(self) -> None:
         ext = self.h.bitmaps
