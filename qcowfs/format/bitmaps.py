@@ -1,4 +1,4 @@
-"""The persistent dirty bitmap directory (the bitmaps header extension points at it)."""
+"""The persistent dirty bitmap directory and bitmap tables (read for info, check and walk)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ from qcowfs.errors import FormatError
 
 MAX_BITMAPS = 65535
 MAX_NAME = 1023
-MAX_DIRECTORY_BYTES = 1024 * MAX_BITMAPS
+MAX_DIRECTORY_BYTES = 1024 * 65535
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
 FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
-TYPE_DIRTY_TRACKING = 1
+BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_TABLE_RESERVED_MASK = 0xFF000000000001FE
+BME_ALL_ONES = 1
 _ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
 
 
 @dataclass(frozen=True)
 class BitmapEntry:
-    """One bitmap directory entry. The bitmap table itself is not read."""
-
     name: str
     table_offset: int
     table_size: int
@@ -28,10 +28,6 @@ class BitmapEntry:
     type: int
     granularity_bits: int
     extra_data: bytes = b""
-
-    @property
-    def granularity(self) -> int:
-        return 1 << self.granularity_bits
 
     @property
     def in_use(self) -> bool:
@@ -43,33 +39,24 @@ class BitmapEntry:
 
 
 def parse_bitmap_directory(buf: bytes, count: int) -> list[BitmapEntry]:
-    """Parse ``count`` entries from the directory bytes ``buf`` (exactly the directory)."""
     if count > MAX_BITMAPS:
         raise FormatError(None, f"too many bitmaps ({count})")
-    if len(buf) > MAX_DIRECTORY_BYTES:
-        raise FormatError(None, "bitmap directory too large")
     out: list[BitmapEntry] = []
     pos = 0
     for i in range(count):
         if pos + _ENTRY.size > len(buf):
             raise FormatError(None, f"bitmap directory entry {i} runs past the directory")
-        (table_off, table_size, flags, btype, gran_bits, name_size,
+        (table_off, table_size, flags, btype, gran, name_size,
          extra_size) = _ENTRY.unpack_from(buf, pos)
         pos += _ENTRY.size
-        if name_size > MAX_NAME or name_size == 0:
-            raise FormatError(None, f"bitmap directory entry {i} has a bad name length")
+        if name_size > MAX_NAME:
+            raise FormatError(None, f"bitmap directory entry {i} has a name too long")
         end = pos + extra_size + name_size
         if end > len(buf):
             raise FormatError(None, f"bitmap directory entry {i} runs past the directory")
         extra = bytes(buf[pos:pos + extra_size])
         pos += extra_size
-        try:
-            name = bytes(buf[pos:pos + name_size]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise FormatError(None, f"bitmap directory entry {i} has a name that is not "
-                                    f"UTF-8") from None
+        name = bytes(buf[pos:pos + name_size]).decode("utf-8", "replace")
         pos = (end + 7) & ~7
-        out.append(BitmapEntry(name=name, table_offset=table_off, table_size=table_size,
-                               flags=flags, type=btype, granularity_bits=gran_bits,
-                               extra_data=extra))
+        out.append(BitmapEntry(name, table_off, table_size, flags, btype, gran, extra))
     return out

@@ -97,7 +97,7 @@ def _qcow2_specific(image: Qcow2Image) -> dict:
     bitmaps = read_bitmaps(image)
     if bitmaps:
         data["bitmaps"] = [{"flags": _bitmap_flags(b), "name": b.name,
-                            "granularity": b.granularity} for b in bitmaps]
+                            "granularity": 1 << b.granularity_bits} for b in bitmaps]
     data["refcount-bits"] = h.refcount_bits
     if h.has_data_file or h.data_file:
         data["data-file"] = h.data_file or ""
