@@ -6,6 +6,7 @@ import argparse
 
 from qcowfs.chain.compare import compare_disks
 from qcowfs.chain.disk import Disk
+from qcowfs.chain.locks import lock_chain
 from qcowfs.chain.resolve import open_chain
 
 from .progress import progress_bar
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         b = Disk(open_chain(args.file_b, fmt=args.format_b), False)
         try:
+            if not args.force_share:
+                lock_chain(a.layers)
+                lock_chain(b.layers)
             with progress_bar(args.progress and not args.quiet, min(a.size, b.size)) as step:
                 result = compare_disks(a, b, strict=args.strict, progress=step)
         finally:

@@ -24,7 +24,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    infos = describe(args.file, args.format, backing_chain=args.backing_chain)
+    infos = describe(args.file, args.format, backing_chain=args.backing_chain,
+                     force_share=args.force_share)
     if args.output == "json":
         print_json(infos if args.backing_chain else infos[0])
         return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from qcowfs.chain.blockstatus import ChainStatus, MapEntry
+from qcowfs.chain.locks import lock_chain
 from qcowfs.chain.resolve import open_chain
 from qcowfs.image.info import full_backing_filename
 from qcowfs.image.qcow2 import Qcow2Image
@@ -28,6 +29,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     layers = open_chain(args.file, fmt=args.format)
     try:
+        if not args.force_share:
+            lock_chain(layers)
         names = [args.file]
         for layer in layers[:-1]:
             if isinstance(layer, Qcow2Image) and layer.header.backing_file:

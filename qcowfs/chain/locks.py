@@ -1,0 +1,18 @@
+"""Taking QEMU's image locks on every file of a chain, the way QEMU does for the same job."""
+
+from __future__ import annotations
+
+from qcowfs.image import locking
+from qcowfs.image.qcow2 import Qcow2Image
+
+from .resolve import Layer
+
+
+def lock_chain(layers: list[Layer], *, write_top: bool = False) -> None:
+    """Lock the top image for reading (or writing) and every backing file for reading.
+    Raises LockedError when another process (QEMU, a qcowfs mount) conflicts."""
+    for i, layer in enumerate(layers):
+        mode = locking.LockMode.WRITE if write_top and i == 0 else locking.LockMode.READ
+        locking.acquire(layer.file.fd, layer.path, mode)
+        if isinstance(layer, Qcow2Image) and layer.data_file is not layer.file:
+            locking.acquire(layer.data_file.fd, layer.data_file.path, mode)
