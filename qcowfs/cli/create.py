@@ -94,35 +94,9 @@ def run(args: argparse.Namespace) -> int:
         create_raw(args.file, size)
         return 0
 
-    o = QcowOptions(size=size, backing_file=backing, backing_format=backing_fmt)
-    if "cluster_size" in opts:
-        try:
-            o.cluster_size = parse_size(opts["cluster_size"])
-        except ValueError:
-            raise CommandError(f"{args.file}: Cluster size must be a power of two between 512 "
-                               f"and 2048k") from None
-    compat = opts.get("compat", "1.1")
-    if compat in ("0.10", "v2"):
-        o.version = 2
-    elif compat in ("1.1", "v3"):
-        o.version = 3
-    else:
-        raise CommandError(f"{args.file}: Invalid compatibility level: '{compat}'")
-    if "refcount_bits" in opts:
-        try:
-            o.refcount_bits = int(opts["refcount_bits"])
-        except ValueError:
-            raise CommandError(f"{args.file}: Invalid refcount_bits") from None
-    o.lazy_refcounts = _bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
-    o.extended_l2 = _bool("extended_l2", opts.get("extended_l2", "off"))
+    o = qcow_options(opts, args.file, size)
+    o.backing_file, o.backing_format = backing, backing_fmt
     ctype = opts.get("compression_type", "zlib")
-    if ctype not in ("zlib", "zstd"):
-        raise CommandError(f"{args.file}: Invalid parameter value for 'compression_type': "
-                           f"'{ctype}'")
-    o.compression_type = hdr.COMPRESSION_ZSTD if ctype == "zstd" else hdr.COMPRESSION_ZLIB
-    o.data_file = opts.get("data_file") or None
-    o.data_file_raw = _bool("data_file_raw", opts.get("data_file_raw", "off"))
-    o.preallocation = opts.get("preallocation", "off")
 
     line = [f"Formatting '{args.file}', fmt=qcow2", f"cluster_size={o.cluster_size}",
             f"extended_l2={opts.get('extended_l2', 'off')}"]
@@ -168,3 +142,38 @@ def _refuse_if_in_use(path: str) -> None:
         locking.acquire(f.fd, path, locking.LockMode.WRITE)
     finally:
         f.close()
+
+
+def qcow_options(opts: dict[str, str], filename: str, size: int) -> QcowOptions:
+    """The qcow2 creation options of ``-o`` (also used by convert)."""
+    o = QcowOptions(size=size)
+    if "cluster_size" in opts:
+        try:
+            o.cluster_size = parse_size(opts["cluster_size"])
+        except ValueError:
+            raise CommandError(f"{filename}: Cluster size must be a power of two between 512 "
+                               f"and 2048k") from None
+    compat = opts.get("compat", "1.1")
+    if compat in ("0.10", "v2"):
+        o.version = 2
+    elif compat in ("1.1", "v3"):
+        o.version = 3
+    else:
+        raise CommandError(f"{filename}: Invalid compatibility level: '{compat}'")
+    if "refcount_bits" in opts:
+        try:
+            o.refcount_bits = int(opts["refcount_bits"])
+        except ValueError:
+            raise CommandError(f"{filename}: Invalid refcount_bits") from None
+    o.lazy_refcounts = _bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
+    o.extended_l2 = _bool("extended_l2", opts.get("extended_l2", "off"))
+    ctype = opts.get("compression_type", "zlib")
+    if ctype not in ("zlib", "zstd"):
+        raise CommandError(f"{filename}: Invalid parameter value for 'compression_type': "
+                           f"'{ctype}'")
+    o.compression_type = hdr.COMPRESSION_ZSTD if ctype == "zstd" else hdr.COMPRESSION_ZLIB
+    o.data_file = opts.get("data_file") or None
+    o.data_file_raw = _bool("data_file_raw", opts.get("data_file_raw", "off"))
+    o.preallocation = opts.get("preallocation", "off")
+
+    return o
