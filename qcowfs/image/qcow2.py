@@ -137,15 +137,14 @@ class Mapping:
                 n = min(cs - within, span_end - pos)
                 if extended:
                     entry = table[2 * l2i]
-                    bitmap = table[2 * l2i + 1]
-                    if bitmap and not entry & COMPRESSED:
-                        last = self._subclusters(out, last, pos, n, entry, bitmap, l2i)
+                    if not entry & COMPRESSED:
+                        # The bitmap alone says what each subcluster is: a host offset with
+                        # no allocation bits still reads from the backing file.
+                        last = self._subclusters(out, last, pos, n, entry, table[2 * l2i + 1],
+                                                 l2i)
                         pos += n
                         l2i += 1
                         continue
-                    if entry & ZERO_FLAG and not entry & COMPRESSED:
-                        raise FormatError(img.path, f"extended L2 entry 0x{entry:016x} has "
-                                                    f"reserved bits set")
                 else:
                     entry = table[l2i]
                 if entry & COMPRESSED:
@@ -207,6 +206,19 @@ class Mapping:
                                         f"unallocated cluster")
         cluster_start = pos - (pos & (cs - 1))
         end = pos + n
+        if alloc_bits == SUB_ALLOC_MASK or not alloc_bits and zero_bits in (0, SUB_ALLOC_MASK):
+            # The whole cluster is one kind: one step instead of one per subcluster.
+            if alloc_bits:
+                kind, h = NORMAL, host + (pos - cluster_start)
+            else:
+                kind, h = (ZERO if zero_bits else UNALLOCATED), 0
+            if last is not None and last.kind == kind and (
+                    kind != NORMAL or last.host + last.length == h):
+                last.length += n
+            else:
+                last = Extent(pos, n, kind, h)
+                out.append(last)
+            return last
         while pos < end:
             i = (pos - cluster_start) // sub
             step = min(cluster_start + (i + 1) * sub, end) - pos
