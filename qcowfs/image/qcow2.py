@@ -322,6 +322,8 @@ class Qcow2Image:
             raise FormatError(path, "reference count table too large")
         if h.refcount_table_offset % cs or not h.refcount_table_offset:
             raise FormatError(path, "invalid reference count table offset")
+        if h.refcount_table_offset + h.refcount_table_clusters * cs > self.file.size:
+            raise FormatError(path, "reference count table lies past the end of the file")
         if h.l1_size * 8 > MAX_L1_BYTES:
             raise FormatError(path, "active L1 table too large")
         needed = hdr.l1_entries_needed(h.size, h.cluster_bits, h.extended_l2)
