@@ -169,6 +169,9 @@ class Mapping:
                     kind = ZERO
                     host = host + within if host else 0
                 elif host or (has_data_file and entry & COPIED):
+                    if host == l2_off and not has_data_file:
+                        raise FormatError(img.path, f"L2 entry for guest offset {pos} points at "
+                                                    f"its own L2 table")
                     kind = NORMAL
                     host += within
                 else:
@@ -385,6 +388,9 @@ class Qcow2Image:
         cs = self.cluster_size
         if offset & (cs - 1):
             raise FormatError(self.path, f"L2 table at unaligned offset {offset}")
+        clash = self.metadata_overlap(offset, cs)
+        if clash:
+            raise FormatError(self.path, f"L2 table at offset {offset} overlaps {clash}")
         if offset + cs > self.file.size:
             self.file.refresh_size()
             if offset + cs > self.file.size:
@@ -395,9 +401,28 @@ class Qcow2Image:
     def l2_table(self, offset: int) -> array:
         return self.l2_cache.get(offset)
 
+    def metadata_overlap(self, offset: int, length: int) -> str | None:
+        """Which fixed metadata area of this file (the header cluster, the active L1 table,
+        the refcount table) ``[offset, offset + length)`` overlaps, or None."""
+        h = self.header
+        end = offset + length
+        if offset < self.cluster_size:
+            return "the header"
+        if offset < h.l1_table_offset + h.l1_size * 8 and h.l1_table_offset < end:
+            return "the active L1 table"
+        rt = h.refcount_table_offset
+        if offset < rt + h.refcount_table_clusters * self.cluster_size and rt < end:
+            return "the refcount table"
+        return None
+
     def read_data(self, buf: memoryview, host: int) -> None:
         """Read guest data stored at ``host`` in the data file; zeros past its end."""
         f = self.data_file
+        if f is self.file:
+            clash = self.metadata_overlap(host, len(buf))
+            if clash:
+                raise FormatError(self.path, f"data cluster at host offset {host} overlaps "
+                                             f"{clash}")
         got = f.readinto(buf, host)
         if got < len(buf):
             # Past the end of the file: the tail of a last, partly written cluster reads as
