@@ -246,8 +246,12 @@ class Mapping:
 
         ``fill(view, guest_offset)`` supplies unallocated ranges: the backing chain, or zeros.
         """
+        self._readinto_extents(buf, offset, self.extents(offset, len(buf)), fill)
+
+    def _readinto_extents(self, buf: memoryview, offset: int, extents: list[Extent],
+                          fill: FillFn) -> None:
         img = self.image
-        for e in self.extents(offset, len(buf)):
+        for e in extents:
             start = e.offset - offset
             part = buf[start:start + e.length]
             kind = e.kind
@@ -264,8 +268,14 @@ class Mapping:
 
     def read(self, offset: int, length: int, fill: FillFn = zero_fill) -> bytes:
         length = max(0, min(length, self.size - offset))
+        extents = self.extents(offset, length)
+        if len(extents) == 1 and extents[0].kind == NORMAL:
+            # One run of host data: the bytes os.pread returns are the answer, no copy.
+            data = self.image.read_data_bytes(extents[0].host, length)
+            if data is not None:
+                return data
         buf = bytearray(length)
-        self.readinto(memoryview(buf), offset, fill)
+        self._readinto_extents(memoryview(buf), offset, extents, fill)
         return bytes(buf)
 
 
@@ -414,6 +424,18 @@ class Qcow2Image:
         if offset < rt + h.refcount_table_clusters * self.cluster_size and rt < end:
             return "the refcount table"
         return None
+
+    def read_data_bytes(self, host: int, length: int) -> bytes | None:
+        """``length`` bytes of guest data at ``host``, or None when they run past the end of
+        the data file (then :meth:`read_data` decides)."""
+        f = self.data_file
+        if f is self.file:
+            clash = self.metadata_overlap(host, length)
+            if clash:
+                raise FormatError(self.path, f"data cluster at host offset {host} overlaps "
+                                             f"{clash}")
+        data = f.read(host, length)
+        return data if len(data) == length else None
 
     def read_data(self, buf: memoryview, host: int) -> None:
         """Read guest data stored at ``host`` in the data file; zeros past its end."""
