@@ -57,6 +57,7 @@ COMPRESSED_CACHE_CLUSTERS = 16
 _ZEROS = bytes(1 << 21)
 
 FillFn = Callable[[memoryview, int], None]
+_NOT_PLAIN_DATA = COMPRESSED | L2E_STD_RESERVED_MASK | ZERO_FLAG
 
 
 def zero_fill(buf: memoryview, offset: int = 0) -> None:
@@ -134,8 +135,26 @@ class Mapping:
             l2i = cidx & l2_mask
             while pos < span_end:
                 within = pos & cmask
-                n = min(cs - within, span_end - pos)
-                if extended:
+                n = cs - within
+                if n > span_end - pos:
+                    n = span_end - pos
+                if not extended:
+                    entry = table[l2i]
+                    host = entry & L2E_OFFSET_MASK
+                    if host and not entry & _NOT_PLAIN_DATA and not host & cmask \
+                            and host != l2_off:
+                        # The common case, plain data: extend the run or start one.
+                        host += within
+                        if last is not None and last.kind is NORMAL \
+                                and last.host + last.length == host:
+                            last.length += n
+                        else:
+                            last = Extent(pos, n, NORMAL, host)
+                            out.append(last)
+                        pos += n
+                        l2i += 1
+                        continue
+                else:
                     entry = table[2 * l2i]
                     if not entry & COMPRESSED:
                         # The bitmap alone says what each subcluster is: a host offset with
@@ -145,8 +164,6 @@ class Mapping:
                         pos += n
                         l2i += 1
                         continue
-                else:
-                    entry = table[l2i]
                 if entry & COMPRESSED:
                     if entry & COPIED or has_data_file:
                         raise FormatError(img.path, f"invalid compressed L2 entry 0x{entry:016x}"
