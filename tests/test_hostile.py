@@ -559,3 +559,18 @@ def test_truncated_image_is_refused(goods: Goods, tmp_path: Path, case: str):
     os.truncate(img, cut)
     # Opened as qcow2: a file cut before its magic would otherwise be probed as raw.
     assert_refused(img, FormatError, fmt="qcow2")
+
+
+def test_backing_file_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path):
+    """A FIFO would block an open() forever (qemu-img itself hangs on one)."""
+    fifo = tmp_path / "base.fifo"
+    os.mkfifo(fifo)
+    top = tmp_path / "top.qcow2"
+    q.qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", fifo.name, "-F", "raw", str(top), "1M")
+    assert_refused(top, ImageError, names=fifo)
+
+
+def test_image_that_is_a_directory_is_refused(tmp_path: Path):
+    folder = tmp_path / "not-an-image"
+    folder.mkdir()
+    assert_refused(folder, ImageError)

@@ -516,6 +516,39 @@ def test_raw_backing_starting_with_qcow2_magic_is_not_probed(fx: Fixtures, tmp_p
         assert disk.read(0, 4) == b"QFI\xfb"
 
 
+@pytest.fixture
+def loop_device(tmp_path: Path):
+    """Attach a raw file to a loop device (root only); detached in a finally."""
+    attached: list[str] = []
+
+    def attach(path: Path) -> str:
+        p = q.run("losetup", "--find", "--show", "--read-only", path, check=False)
+        if p.returncode:
+            pytest.skip(f"no loop device: {p.stderr.decode().strip()}")
+        dev = p.stdout.decode().strip()
+        attached.append(dev)
+        return dev
+
+    try:
+        yield attach
+    finally:
+        for dev in attached:
+            q.run("losetup", "-d", dev, check=False)
+
+
+def test_raw_backing_on_a_block_device_reads_like_qemu(fx: Fixtures, tmp_path: Path,
+                                                       loop_device):
+    """A block device's size comes from the device, not from stat (which says 0)."""
+    base = fx.seed_raw("base.raw", 2 * MiB, seed=50, chunk=32 * KiB)
+    dev = loop_device(base)
+    top = q.create(tmp_path / "top.qcow2", 3 * MiB, backing=dev, backing_fmt="raw")
+    q.qemu_io(top, "write -P 0x77 100000 5000")
+    assert_reads_like_qemu(top, tmp_path)
+    with qcowfs.open_image(dev, format="raw") as disk:
+        assert disk.size == 2 * MiB
+        assert disk.read(0, disk.size) == base.read_bytes()
+
+
 def test_raw_image_opened_directly_reads_its_bytes(fx: Fixtures, tmp_path: Path):
     raw = fx.seed_raw("plain.raw", MiB + 77, seed=40)
     with qcowfs.open_image(str(raw), format="raw") as disk:
