@@ -52,6 +52,7 @@ class Layout:
     l2_offset: int  # the L2 table L1[0] points at
     l2_entries: list[int]  # the first few entries of that table
     snapshot_entries: list[int]  # byte offsets of the snapshot table entries
+    path: Path
 
 
 def layout(path: Path) -> Layout:
@@ -74,7 +75,7 @@ def layout(path: Path) -> Layout:
         pos += 40 + u32(pos + 36) + id_len + name_len
         pos = (pos + 7) & ~7
     return Layout(cs, l1, u32(L1_SIZE), u64(REFTABLE_OFFSET), u64(SNAPSHOTS_OFFSET),
-                  u32(NB_SNAPSHOTS), len(data), l2, entries, snaps)
+                  u32(NB_SNAPSHOTS), len(data), l2, entries, snaps, path)
 
 
 def u32(v: int) -> bytes:
@@ -245,6 +246,11 @@ def truncate_at(offset_fn) -> Patch:
     return patch
 
 
+def snapshot_l1(lay: Layout) -> int:
+    """Where the first snapshot's L1 table is."""
+    return struct.unpack(">Q", lay.path.read_bytes()[lay.snapshot_entries[0]:][:8])[0]
+
+
 def compressed_entry(lay: Layout) -> int:
     e = lay.l2_entries[0]
     assert e & COMPRESSED, "cluster 0 of the good image should be compressed"
@@ -330,6 +336,9 @@ CASES: dict[str, tuple[str, Patch, type[ImageError], str | None]] = {
                              "snapshot 1"),
     "snapshot_l1_size_too_small": ("snap", snap_field(8, lambda lay: u32(0)), FormatError,
                                    "snapshot 1"),
+    "snapshot_l1_entry_reserved_bits": ("snap", poke(lambda lay: snapshot_l1(lay),
+                                                     lambda lay: u64(COPIED | 0x40000 | 0x100)),
+                                        FormatError, None),
     # L1 entries (080, 060)
     "l1_entry_reserved_low_bits": ("data", l1_entry(lambda lay: COPIED | lay.l2_offset | 1),
                                    FormatError, None),
@@ -404,6 +413,16 @@ CASES: dict[str, tuple[str, Patch, type[ImageError], str | None]] = {
                                                          q.poke(p, INCOMPAT, u64(1 << 3))),
                                  UnsupportedError, None),
     # feature bits (036)
+    # extensions with bad contents
+    "bitmaps_extension_bad_length": ("data", lambda p, lay: q.poke(
+        p, 112, u32(0x23852875) + u32(8) + bytes(8) + bytes(8)), FormatError, None),
+    "crypto_extension_bad_length": ("data", lambda p, lay: q.poke(
+        p, 112, u32(0x0537BE77) + u32(8) + bytes(8) + bytes(8)), FormatError, None),
+    "backing_format_too_long": ("data", lambda p, lay: q.poke(
+        p, 112, u32(0xE2792ACA) + u32(24) + b"q" * 24 + bytes(8)), FormatError, None),
+    "backing_name_not_utf8": ("backed", poke(lambda lay: struct.unpack(
+        ">Q", lay.path.read_bytes()[BACKING_OFFSET:BACKING_OFFSET + 8])[0],
+        lambda lay: b"\xff\xfe"), FormatError, "UTF-8"),
     "unknown_incompatible_bit_unnamed": ("data", at(INCOMPAT, u64(1 << 63)), UnsupportedError,
                                          "63"),
     "crypt_method_unknown": ("data", at(CRYPT, u32(7)), FormatError, None),
@@ -574,3 +593,17 @@ def test_image_that_is_a_directory_is_refused(tmp_path: Path):
     folder = tmp_path / "not-an-image"
     folder.mkdir()
     assert_refused(folder, ImageError)
+
+
+def test_broken_snapshot_l1_fails_only_that_snapshot(goods: Goods, tmp_path: Path):
+    """A bad snapshot L1 table is an error when that snapshot is opened; the active disk and
+    the snapshot list still work (as in QEMU, which fails only to load that snapshot)."""
+    img, lay = copy_of(goods, "snap", tmp_path)
+    q.poke(img, lay.snapshot_entries[0], u64(0x400200))
+    expected = q.to_raw(img, tmp_path / "expected.raw")
+    with qcowfs.open_image(str(img)) as disk:
+        assert disk.read(0, disk.size) == expected
+        assert [s.name for s in disk.snapshots] == ["first"]
+        with pytest.raises(FormatError, match="snapshot 1") as info:
+            disk.snapshot("first")
+        assert str(img) in str(info.value)

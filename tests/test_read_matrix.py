@@ -182,7 +182,7 @@ def test_refcount_width_reads_like_qemu(fx: Fixtures, tmp_path: Path, bits: int)
 
 
 @pytest.mark.parametrize("ctype,compat", [("zlib", "0.10"), ("zlib", "1.1"), ("zstd", "1.1")])
-@pytest.mark.parametrize("cs", [4 * KiB, 64 * KiB, 2 * MiB], ids=lambda c: f"cluster{c}")
+@pytest.mark.parametrize("cs", [512, 4 * KiB, 64 * KiB, 2 * MiB], ids=lambda c: f"cluster{c}")
 def test_compressed_clusters_read_like_qemu(fx: Fixtures, tmp_path: Path, cs: int, ctype: str,
                                             compat: str):
     size = size_for(cs)
@@ -215,6 +215,31 @@ def test_compressed_writes_over_backing_read_like_qemu(fx: Fixtures, tmp_path: P
     q.qemu_io(img, f"write -c -s {fx.pattern(1)} 0 {cs}", f"write -c -P 0x41 {3 * cs} {cs}",
               f"write -c -P 0x42 {5 * cs} {cs}", f"write -P 0x43 {5 * cs + 4096} 512")
     assert_reads_like_qemu(img, tmp_path)
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_compressed_clusters_with_extended_l2_read_like_qemu(fx: Fixtures, tmp_path: Path,
+                                                             ctype: str):
+    cs = 64 * KiB
+    size = 2 * MiB
+    seed = fx.seed_raw("seed.raw", size, seed=13, compressible=True, chunk=cs)
+    img = q.convert(seed, tmp_path / "img.qcow2", compress=True, extended_l2=True,
+                    compression_type=ctype)
+    q.qemu_io(img, f"write -P 0x21 {cs + 2048} 2048", f"write -z {3 * cs + 4096} 4096",
+              f"discard {5 * cs} {cs}")
+    assert_reads_like_qemu(img, tmp_path)
+
+
+def test_small_l2_cache_evicts_and_still_reads_like_qemu(fx: Fixtures, tmp_path: Path):
+    """512-byte clusters: ~100 L2 tables through a cache of 16."""
+    size = 3 * MiB
+    seed = fx.seed_raw("seed.raw", size, seed=17, chunk=8 * KiB)
+    img = q.convert(seed, tmp_path / "img.qcow2", cluster_size=512)
+    q.qemu_io(img, *fx.workload(512, size))
+    expected = q.to_raw(img, tmp_path / "expected.raw")
+    with qcowfs.open_image(str(img), l2_cache_bytes=1) as disk:
+        assert_view_matches(disk, expected, "small cache", partial_reads=100)
+        assert len(disk.top.l2_cache._entries) <= 16
 
 
 # --- extended L2 --------------------------------------------------------------------------------
