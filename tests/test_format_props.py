@@ -34,7 +34,8 @@ u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
 KNOWN_EXTENSIONS = {hdr.EXT_END, hdr.EXT_BACKING_FORMAT, hdr.EXT_FEATURE_TABLE, hdr.EXT_BITMAPS,
                     hdr.EXT_CRYPTO, hdr.EXT_DATA_FILE}
-names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                min_size=1, max_size=40)
 
 
 # --- header --------------------------------------------------------------------------------------

@@ -423,6 +423,9 @@ CASES: dict[str, tuple[str, Patch, type[ImageError], str | None]] = {
     "backing_name_not_utf8": ("backed", poke(lambda lay: struct.unpack(
         ">Q", lay.path.read_bytes()[BACKING_OFFSET:BACKING_OFFSET + 8])[0],
         lambda lay: b"\xff\xfe"), FormatError, "UTF-8"),
+    "backing_name_with_nul": ("backed", poke(lambda lay: struct.unpack(
+        ">Q", lay.path.read_bytes()[BACKING_OFFSET:BACKING_OFFSET + 8])[0] + 2,
+        lambda lay: b"\0"), FormatError, "NUL"),
     "unknown_incompatible_bit_unnamed": ("data", at(INCOMPAT, u64(1 << 63)), UnsupportedError,
                                          "63"),
     "crypt_method_unknown": ("data", at(CRYPT, u32(7)), FormatError, None),
