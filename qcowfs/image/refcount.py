@@ -121,9 +121,12 @@ class Refcounts:
 
     def free_bytes(self, offset: int, length: int) -> None:
         """-1 on every cluster overlapping [offset, offset + length) (a compressed cluster)."""
+        self.add_bytes(offset, length, -1)
+
+    def add_bytes(self, offset: int, length: int, delta: int) -> None:
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
-        self.add_range(first, last - first + 1, -1)
+        self.add_range(first, last - first + 1, delta)
 
     # --- allocation -------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     encode_u64_table,
 )
-from qcowfs.image.qcow2 import FillFn, Qcow2Image, zero_fill
+from qcowfs.image.qcow2 import FillFn, Qcow2Image
 from qcowfs.image.refcount import Refcounts
 from qcowfs.image.walk import tally_references
 
@@ -108,10 +108,10 @@ class Qcow2Writer:
         self._meta_sorted: list[int] | None = None
         self.broken: str | None = None
         self.closed = False
-        self.refs.on_metadata = self._metadata_changed
+        self.refs.on_metadata = self.metadata_changed
         self.refs.on_freed = self._cluster_freed
         image.l2_cache._write_back = self._write_l2
-        self._build_metadata_set()
+        self.rebuild_metadata_set()
         self._open_fixups()
 
     # --- opening --------------------------------------------------------------------------
@@ -151,14 +151,14 @@ class Qcow2Writer:
         self.file.write(hdr.OFF_INCOMPAT, hdr.pack_u64(value))
         self.file.sync()
 
-    def _mark_dirty(self) -> None:
+    def mark_dirty(self) -> None:
         """With lazy refcounts: the dirty bit is durable before any metadata changes."""
         if self.lazy and not self.header.dirty:
             self._set_incompat(self.header.incompatible_features | hdr.INCOMPAT_DIRTY)
 
     # --- metadata overlap -----------------------------------------------------------------
 
-    def _build_metadata_set(self) -> None:
+    def rebuild_metadata_set(self) -> None:
         img, h, cs = self.img, self.header, self.cs
         meta = self._meta
         meta.clear()
@@ -183,7 +183,7 @@ class Qcow2Writer:
         del cs
         self._meta_sorted = None
 
-    def _metadata_changed(self, first: int, count: int) -> None:
+    def metadata_changed(self, first: int, count: int) -> None:
         if count > 0:
             self._meta.update(range(first, first + count))
         else:
@@ -270,7 +270,7 @@ class Qcow2Writer:
 
     def flush(self) -> None:
         """Everything written so far is durable when this returns."""
-        self._check_usable()
+        self.check_usable()
         self._stage_refcounts()
         self._stage_tables()
         self._apply_deferred()
@@ -289,7 +289,7 @@ class Qcow2Writer:
         if self.header.dirty:
             self._set_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
 
-    def _check_usable(self) -> None:
+    def check_usable(self) -> None:
         if self.closed:
             raise ImageError(self.path, "image is closed", errno=errno.EBADF)
         if self.broken:
@@ -306,29 +306,29 @@ class Qcow2Writer:
         old = entry & L1E_OFFSET_MASK
         if old and entry & COPIED:
             return old, img.l2_cache.get(old)
-        self._mark_dirty()
+        self.mark_dirty()
         table = array("Q", img.l2_cache.get(old)) if old else array("Q", bytes(self.cs))
         new = self.refs.allocate(1) << self.cb
         self._deps_pending = True
         if new >> self.cb in self._meta:
             self.signal_corruption(f"new L2 table at host offset {new} overlaps metadata")
         img.l2_cache.put(new, table, dirty=True)
-        self._metadata_changed(new >> self.cb, 1)
+        self.metadata_changed(new >> self.cb, 1)
         if old:
-            self._metadata_changed(old >> self.cb, -1)
+            self.metadata_changed(old >> self.cb, -1)
             self.deferred.append((old, self.cs))
         l1[l1i] = new | COPIED
         self.l1_dirty.add(l1i)
         return new, table
 
-    def _touch_l2(self, offset: int, table: array) -> None:
+    def touch_l2(self, offset: int, table: array) -> None:
         cache = self.img.l2_cache
         if offset in cache:
             cache.mark_dirty(offset)
         else:
             cache.put(offset, table, dirty=True)
 
-    def _old_ref(self, entry: int) -> tuple[int, int] | None:
+    def old_ref(self, entry: int) -> tuple[int, int] | None:
         """The host bytes an L2 entry holds a reference to (None for none)."""
         if self.has_data_file:
             return None
@@ -341,9 +341,26 @@ class Qcow2Writer:
 
     # --- writing --------------------------------------------------------------------------
 
+    def note_metadata_write(self) -> None:
+        """Something was written to the image file that a later pointer will depend on."""
+        self._image_unsynced = True
+        self._deps_pending = True
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeros (zero clusters where it can)."""
+        pos = offset
+        while pos < offset + length:
+            n = min(offset + length - pos, len(_ZEROS))
+            self._write(pos, memoryview(_ZEROS)[:n], True)
+            pos += n
+
     def write(self, offset: int, data) -> None:
-        self._check_usable()
         view = memoryview(data).cast("B")
+        zero = self.zero_detect and not self.raw_data_file and is_zero(view)
+        self._write(offset, view, zero)
+
+    def _write(self, offset: int, view: memoryview, zero: bool) -> None:
+        self.check_usable()
         n = len(view)
         size = self.img.active.size
         if offset < 0 or offset + n > size:
@@ -351,7 +368,7 @@ class Qcow2Writer:
                                         f"disk ({size} bytes)", errno=errno.EINVAL)
         if not n:
             return
-        zero = self.zero_detect and not self.raw_data_file and is_zero(view)
+        zero = zero and not self.raw_data_file
         span_bits = self.cb + self.l2_bits
         pos = offset
         end = offset + n
@@ -399,7 +416,7 @@ class Qcow2Writer:
         if not plan:
             return
         if needs_table:
-            self._mark_dirty()
+            self.mark_dirty()
             l2_off, table = self.writable_l2(l1i)
         self._execute(plan, data, pos, l2_off, table)
 
@@ -423,14 +440,14 @@ class Qcow2Writer:
                 if reads_zero:
                     return None
                 if v3 and a == 0 and b == cs and not self.raw_data_file:
-                    return [_ZERO, cstart, a, b, 0, 0, 0, ZERO_FLAG, 0, self._old_ref(entry)]
+                    return [_ZERO, cstart, a, b, 0, 0, 0, ZERO_FLAG, 0, self.old_ref(entry)]
             if allocated and not is_zero_entry and entry & COPIED:
                 return [_INPLACE, cstart, a, b, a, b, host, 0, 0, None]
             if self.has_data_file:
                 return [_FILL, cstart, a, b, 0, cs, cstart, cstart | COPIED, 0, None]
             if allocated and is_zero_entry and entry & COPIED:
                 return [_FILL, cstart, a, b, 0, cs, host, host | COPIED, 0, None]
-            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, 0, self._old_ref(entry)]
+            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, 0, self.old_ref(entry)]
         # Extended L2: 32 subclusters per cluster.
         ss = self.sub_size
         sa, sb = a // ss, -(-b // ss)
@@ -445,7 +462,7 @@ class Qcow2Writer:
             if a % ss == 0 and (b % ss == 0 or cstart + b >= self.img.active.size):
                 if a == 0 and b == cs:
                     return [_ZERO, cstart, a, b, 0, 0, 0, 0, ALL_ZERO_BITS,
-                            self._old_ref(entry)]
+                            self.old_ref(entry)]
                 new_bitmap = (alloc_bits & ~touched) | ((zero_bits | touched) << 32)
                 return [_ZERO, cstart, a, b, 0, 0, 0, entry, new_bitmap, None]
         lo, hi = sa * ss, sb * ss
@@ -458,10 +475,10 @@ class Qcow2Writer:
             new_bitmap = (alloc_bits | touched) | ((zero_bits & ~touched) << 32)
             return [_FILL, cstart, a, b, lo, hi, cstart, cstart | COPIED, new_bitmap, None]
         if compressed:
-            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, ALL_ALLOC_BITS, self._old_ref(entry)]
+            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, ALL_ALLOC_BITS, self.old_ref(entry)]
         if allocated:  # shared with a snapshot: copy the whole cluster
             new_bitmap = (alloc_bits | touched) | ((zero_bits & ~touched) << 32)
-            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, new_bitmap, self._old_ref(entry)]
+            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, new_bitmap, self.old_ref(entry)]
         new_bitmap = touched | ((zero_bits & ~touched) << 32)
         return [_ALLOC, cstart, a, b, lo, hi, 0, COPIED, new_bitmap, None]
 
@@ -514,7 +531,7 @@ class Qcow2Writer:
             changed = True
         if changed:
             self._deps_pending = True
-            self._touch_l2(l2_off, table)
+            self.touch_l2(l2_off, table)
 
     def _write_data(self, plan: list[list], data: memoryview, pos: int) -> None:
         """The host writes of a plan: written bytes with their COW head and tail, merged where
@@ -571,7 +588,4 @@ class Qcow2Writer:
         disk holds exactly what memory holds."""
         self.flush()
         self._stage_refcounts()
-
-    def zero_fill(self, buf: memoryview) -> None:
-        zero_fill(buf)
 
