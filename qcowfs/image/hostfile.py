@@ -110,6 +110,29 @@ class HostFile:
         if end > self._size:
             self._size = end
 
+    def writev(self, offset: int, buffers: list) -> None:
+        """Write ``buffers`` back to back from ``offset`` (one pwritev when it goes through)."""
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        total = sum(len(v) for v in views)
+        done = 0
+        try:
+            while done < total:
+                n = os.pwritev(self.fd, views, offset + done)
+                done += n
+                if done < total:
+                    skip = n
+                    while skip and skip >= len(views[0]):
+                        skip -= len(views[0])
+                        views.pop(0)
+                    if skip:
+                        views[0] = views[0][skip:]
+        except OSError as exc:
+            raise HostIOError.from_oserror(self.path, exc, f"write at offset {offset} failed") \
+                from None
+        end = offset + total
+        if end > self._size:
+            self._size = end
+
     def sync(self) -> None:
         try:
             os.fsync(self.fd)
