@@ -99,6 +99,12 @@ def commands(img: Path, d: Path) -> dict[str, list[str]]:
                           str(d / "out.qcow2")],
         "create-on-top": ["create", "-f", "qcow2", "-b", img.name, "-F", "qcow2",
                           str(d / "new.qcow2")],
+        "snapshot-list": ["snapshot", "-l", str(img)],
+        "snapshot-create": ["snapshot", "-c", "x", str(img)],
+        "resize": ["resize", str(img), "+1M"],
+        "commit": ["commit", str(img)],
+        "rebase": ["rebase", "-b", "", str(img)],
+        "rebase-unsafe": ["rebase", "-u", "-b", "other.qcow2", "-F", "qcow2", str(img)],
     }
 
 
@@ -108,7 +114,8 @@ EXPECTED_CODES = {"compare": {0, 1, 2}, "check": {0, 1, 2, 3}, "check-repair": {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("command", ["info", "info-chain", "map", "map-json", "compare", "check",
                                      "check-repair", "convert-raw", "convert-qcow2",
-                                     "create-on-top"])
+                                     "create-on-top", "snapshot-list", "snapshot-create",
+                                     "resize", "commit", "rebase", "rebase-unsafe"])
 def test_malformed_image(tmp_path, case, command):
     img = CASES[case](tmp_path)
     args = commands(img, tmp_path)[command]
@@ -177,8 +184,12 @@ def test_locked_image_refused_unless_shared(held_by_qemu, tmp_path):
                  ["compare", "-U", str(img), str(img)]):
         p = qcowfs_subprocess(*args, timeout=60)
         assert p.returncode == 0, (args, p.stderr)
-    p = qcowfs_subprocess("create", "-f", "qcow2", str(img), "1M", timeout=60)
-    assert p.returncode == 1 and "lock" in p.stderr
+    for args in (["create", "-f", "qcow2", str(img), "1M"], ["snapshot", "-c", "s", str(img)],
+                 ["resize", str(img), "+1M"], ["rebase", "-u", "-b", "x.qcow2", "-F", "qcow2",
+                                                str(img)], ["snapshot", "-l", str(img)]):
+        p = qcowfs_subprocess(*args, timeout=60)
+        assert p.returncode == 1 and "lock" in p.stderr, (args, p.stderr)
+        assert p.stderr.count("\n") == 1
 
 
 def test_progress_bar_only_when_asked(tmp_path):
