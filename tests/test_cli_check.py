@@ -258,3 +258,22 @@ def test_raw_has_no_checks(tmp_path):
     o = qcowfs("check", p)
     assert t.returncode == o.code == 63
     assert o.err.startswith("qcowfs: check: ")
+
+
+def test_repair_dirty_for_the_writer(tmp_path):
+    from qcowfs.image.check import repair_dirty
+    from qcowfs.image.qcow2 import Qcow2Image
+
+    p = dirty_lazy(tmp_path)
+    before = tmp_path / "before.raw"
+    qemu_img("convert", "-O", "raw", str(p), str(before))
+    assert their_check(p)[0] == 2
+    img = Qcow2Image.open(str(p), writable=True)
+    try:
+        repair_dirty(img)
+    finally:
+        img.close()
+    assert their_check(p)[0] == 0
+    info = json.loads(qemu_img("info", "--output=json", str(p)).stdout)
+    assert info["dirty-flag"] is False
+    assert qemu_img("compare", "-f", "raw", str(before), str(p), check=False).returncode == 0
