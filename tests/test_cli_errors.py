@@ -184,7 +184,9 @@ def test_locked_image_refused_unless_shared(held_by_qemu, tmp_path):
                  ["compare", "-U", str(img), str(img)]):
         p = qcowfs_subprocess(*args, timeout=60)
         assert p.returncode == 0, (args, p.stderr)
+    other = good(tmp_path, "other.qcow2")
     for args in (["create", "-f", "qcow2", str(img), "1M"], ["snapshot", "-c", "s", str(img)],
+                 ["convert", "-O", "qcow2", str(other), str(img)],
                  ["resize", str(img), "+1M"], ["rebase", "-u", "-b", "x.qcow2", "-F", "qcow2",
                                                 str(img)], ["snapshot", "-l", str(img)]):
         p = qcowfs_subprocess(*args, timeout=60)

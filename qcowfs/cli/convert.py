@@ -7,7 +7,7 @@ import os
 
 from qcowfs.chain import convert as engine
 from qcowfs.chain.disk import Disk
-from qcowfs.chain.locks import lock_chain
+from qcowfs.chain.locks import lock_chain, refuse_if_in_use
 from qcowfs.chain.resolve import backing_path, open_chain, probe_format
 from qcowfs.image.create import validate
 
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.force_share:
                     lock_chain(backing.layers)
             validate(args.dest, options)
+        refuse_if_in_use(args.dest)
         show = args.progress and not args.quiet
         with progress_bar(show, view.size, "convert") as step:
             if options is None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from qcowfs.chain.locks import refuse_if_in_use
 from qcowfs.chain.resolve import backing_path, open_layer
 from qcowfs.errors import BackingChainError, ImageError
 from qcowfs.format import header as hdr
-from qcowfs.image import locking
 from qcowfs.image.create import QcowOptions, create_qcow2, create_raw, round_size
-from qcowfs.image.hostfile import HostFile
 from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import parse_options, parse_size
@@ -83,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             size = backing_size
     if size is None:
         raise CommandError(f"{args.file}: Image creation needs a size parameter")
-    _refuse_if_in_use(args.file)
+    refuse_if_in_use(args.file)
 
     if args.format == "raw":
         prealloc = opts.get("preallocation", "off")
@@ -131,17 +129,6 @@ def _backing_size(image: str, backing: str, fmt: str) -> int:
         return layer.active.size if isinstance(layer, Qcow2Image) else layer.size
     finally:
         layer.close()
-
-
-def _refuse_if_in_use(path: str) -> None:
-    """Creating over an image QEMU or a mount has open would destroy it under them."""
-    if not os.path.exists(path):
-        return
-    f = HostFile(path)
-    try:
-        locking.acquire(f.fd, path, locking.LockMode.WRITE)
-    finally:
-        f.close()
 
 
 def qcow_options(opts: dict[str, str], filename: str, size: int) -> QcowOptions:
