@@ -161,7 +161,16 @@ def data_file_leak(d: Path) -> Path:
     return p
 
 
+def l2_is_the_l1(d: Path) -> Path:
+    """The L1 entry points its L2 table at the L1 table itself (overlapping metadata)."""
+    p = base_image(d)
+    off = header(p)["l1_offset"]
+    poke(p, off, struct.pack(">Q", (1 << 63) | off))
+    return p
+
+
 CASES: dict[str, Callable[[Path], Path]] = {
+    "l2_is_the_l1": l2_is_the_l1,
     "clean": base_image,
     "leak": leak_by_bumping,
     "refcount_zero": refcount_zero,

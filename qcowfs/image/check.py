@@ -67,6 +67,62 @@ class CheckResult:
         return bool(self.corruptions_fixed or self.leaks_fixed)
 
 
+class _Refused(Exception):
+    """A repair write would land on other metadata: QEMU's overlap check refuses it."""
+
+
+# QEMU's metadata kinds, in the order its overlap check tries them
+_OVERLAP_KINDS = ("qcow2_header", "active L1 table", "active L2 table", "refcount table",
+                  "refcount block", "snapshot table", "inactive L1 table", "bitmap directory")
+
+
+def _metadata_clusters(image: Qcow2Image, refs: _Refcounts) -> dict[str, set[int]]:
+    """Which host clusters hold each kind of metadata (as the image says, right or wrong)."""
+    h = image.header
+    cs = image.cluster_size
+    f = image.file
+
+    def span(offset: int, length: int) -> set[int]:
+        return set(range(offset // cs, -(-(offset + length) // cs))) if length > 0 else set()
+
+    out = {k: set() for k in _OVERLAP_KINDS}
+    out["qcow2_header"] = {0}
+    out["active L1 table"] = span(h.l1_table_offset, h.l1_size * 8)
+    if h.l1_size and h.l1_table_offset + h.l1_size * 8 <= f.size:
+        for entry in decode_u64_table(f.read(h.l1_table_offset, h.l1_size * 8)):
+            off = entry & L1E_OFFSET_MASK
+            if off:
+                out["active L2 table"] |= span(off, cs)
+    out["refcount table"] = span(h.refcount_table_offset, h.refcount_table_clusters * cs)
+    for entry in refs.table:
+        off = entry & REFT_OFFSET_MASK
+        if off:
+            out["refcount block"] |= span(off, cs)
+    if h.nb_snapshots:
+        out["snapshot table"] = span(h.snapshots_offset, image.snapshot_table_bytes)
+    for snap in image.snapshots:
+        out["inactive L1 table"] |= span(snap.l1_table_offset, snap.l1_size * 8)
+    if h.bitmaps:
+        out["bitmap directory"] = span(h.bitmaps.directory_offset, h.bitmaps.directory_size)
+    return out
+
+
+class _Guard:
+    """Refuse a metadata write that overlaps other metadata, as QEMU's default overlap check
+    does; the image is then marked corrupt."""
+
+    def __init__(self, image: Qcow2Image, refs: _Refcounts):
+        self.image = image
+        self.kinds = _metadata_clusters(image, refs)
+
+    def check(self, kind: str, offset: int, length: int) -> None:
+        cs = self.image.cluster_size
+        clusters = set(range(offset // cs, -(-(offset + length) // cs)))
+        for other in _OVERLAP_KINDS:
+            if other != kind and clusters & self.kinds[other]:
+                raise _Refused(other)
+
+
 class _Unreadable(Exception):
     """A refcount block that cannot be read (its table entry is misaligned)."""
 
@@ -124,9 +180,11 @@ class _Refcounts:
         self.dirty.add(index)
         return True
 
-    def flush(self) -> None:
+    def flush(self, guard: _Guard | None = None) -> None:
         f = self.image.file
         for index in sorted(self.dirty):
+            if guard is not None:
+                guard.check("refcount block", self.block_offset(index), self.cs)
             f.write(self.block_offset(index), encode_refblock(self.blocks[index], self.order))
         if self.dirty:
             f.sync()
@@ -136,6 +194,24 @@ class _Refcounts:
 def check_image(image: Qcow2Image, fix: int = 0) -> CheckResult:
     """One check pass over ``image`` (opened writable when ``fix``)."""
     res = CheckResult()
+    try:
+        return _check(image, fix, res)
+    except _Refused as exc:
+        res.messages.append(f"qcow2: Marking image as corrupt: Preventing invalid write on "
+                            f"metadata (overlaps with {exc.args[0]}); further corruption "
+                            f"events will be suppressed")
+        h = image.header
+        if h.version >= 3:
+            flags = h.incompatible_features | hdr.INCOMPAT_CORRUPT
+            image.file.write(hdr.OFF_INCOMPAT, flags.to_bytes(8, "big"))
+            image.file.sync()
+            h.incompatible_features = flags
+        res.check_errors += 1
+        res.aborted = "Input/output error"
+        return res
+
+
+def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
     cs = image.cluster_size
     _check_snapshot_table(image, res)
     tally = tally_references(image)
@@ -162,7 +238,7 @@ def check_image(image: Qcow2Image, fix: int = 0) -> CheckResult:
         scratch = CheckResult(messages=saved)
         nb = _cluster_count(refs, tally)
         highest, _ = _compare(refs, tally, nb, FIX_LEAKS, scratch)
-        refs.flush()
+        refs.flush(_Guard(image, refs))
         if res.corruptions < old[0]:
             res.corruptions_fixed += old[0] - res.corruptions
         if res.leaks < old[1]:
@@ -177,7 +253,7 @@ def check_image(image: Qcow2Image, fix: int = 0) -> CheckResult:
         if res.leaks or res.corruptions:
             res.corruptions, res.leaks = before
             highest, _ = _compare(refs, tally, nb, fix, res)
-            refs.flush()
+            refs.flush(_Guard(image, refs))
     _check_copied(image, refs, res, fix)
     res.image_end_offset = (highest + 1) * cs
     if fix and not res.check_errors and not res.corruptions:
@@ -303,6 +379,7 @@ def _check_copied(image: Qcow2Image, refs: _Refcounts, res: CheckResult, fix: in
         return
     l1 = decode_u64_table(f.read(h.l1_table_offset, h.l1_size * 8))
     step = 2 if image.extended_l2 else 1
+    guard = _Guard(image, refs) if repair else None
     wrote = False
     for i, l1e in enumerate(l1):
         l2_off = l1e & L1E_OFFSET_MASK
@@ -318,6 +395,8 @@ def _check_copied(image: Qcow2Image, refs: _Refcounts, res: CheckResult, fix: in
                                 f"cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}")
             if repair:
                 new = l1e | COPIED if rc == 1 else l1e & ~COPIED
+                assert guard is not None
+                guard.check("active L1 table", h.l1_table_offset + i * 8, 8)
                 f.write(h.l1_table_offset + i * 8, new.to_bytes(8, "big"))
                 wrote = True
                 res.corruptions -= 1
@@ -352,6 +431,8 @@ def _check_copied(image: Qcow2Image, refs: _Refcounts, res: CheckResult, fix: in
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
         if changed:
+            assert guard is not None
+            guard.check("active L2 table", l2_off, cs)
             f.write(l2_off, encode_u64_table(table))
             wrote = True
     if wrote:
