@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     empty = not (args.drop or args.base)
-    with progress_bar(args.progress and not args.quiet, 0, "commit") as step:
+    with progress_bar(args.progress and not args.quiet, None, "commit") as step:
         commit(args.file, args.base, empty=empty, fmt=args.format, progress=step)
     if not args.quiet:
         print("Image committed.")

@@ -8,14 +8,15 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def progress_bar(enabled: bool, total: int, desc: str = ""):
-    """A callable ``advance(nbytes)``; does nothing when the bar is off."""
+def progress_bar(enabled: bool, total: int | None, desc: str = ""):
+    """A callable ``advance(nbytes)``; does nothing when the bar is off. A total of None (or
+    0) shows a running count without a percentage."""
     if not enabled:
         yield lambda n: None
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+    bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                file=sys.stderr, leave=False)
     try:
         yield bar.update

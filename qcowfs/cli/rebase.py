@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with progress_bar(args.progress and not args.quiet, 0, "rebase") as step:
+    with progress_bar(args.progress and not args.quiet, None, "rebase") as step:
         rebase(args.file, args.backing, args.backing_format, unsafe=args.unsafe,
                fmt=args.format, progress=step)
     return 0
