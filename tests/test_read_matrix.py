@@ -331,6 +331,34 @@ def test_persistent_bitmaps_image_reads_like_qemu(fx: Fixtures, tmp_path: Path):
     assert_reads_like_qemu(img, tmp_path)
 
 
+@pytest.mark.parametrize("bits", [
+    pytest.param((72, 1 << 1), id="corrupt-bit"),
+    pytest.param((80, 1 << 17), id="unknown-compatible-bit"),
+    pytest.param((88, 1 << 40), id="unknown-autoclear-bit"),
+])
+def test_feature_bits_that_allow_reading_read_like_qemu(fx: Fixtures, tmp_path: Path, bits):
+    """The corrupt bit, unknown compatible and unknown autoclear bits do not stop a read-only
+    open (QEMU opens such images read-only too)."""
+    cs = 64 * KiB
+    size = size_for(cs)
+    img = q.create(tmp_path / "img.qcow2", size)
+    q.qemu_io(img, *fx.workload(cs, size))
+    field, bit = bits
+    q.poke(img, field, struct.pack(">Q", header_u64(img, field) | bit))
+    assert_reads_like_qemu(img, tmp_path)
+
+
+def test_version3_header_of_104_bytes_reads_like_qemu(fx: Fixtures, tmp_path: Path):
+    """header_length 104 is a valid v3 header without the compression type field."""
+    img = q.create(tmp_path / "img.qcow2", 2 * MiB)
+    q.qemu_io(img, *fx.workload(64 * KiB, 2 * MiB))
+    q.poke(img, 100, struct.pack(">I", 104))
+    with open(img, "rb") as f:
+        f.seek(104)
+        assert f.read(8) == bytes(8), "bytes 104-111 should be zlib and padding"
+    assert_reads_like_qemu(img, tmp_path)
+
+
 @pytest.mark.parametrize("compat", ["0.10", "1.1"])
 @pytest.mark.parametrize("prealloc", ["metadata", "falloc", "full"])
 def test_preallocated_image_reads_like_qemu(fx: Fixtures, tmp_path: Path, prealloc: str,
