@@ -460,6 +460,13 @@ def test_snapshot_lookup_by_name_and_id(fx: Fixtures, tmp_path: Path):
             assert b.read(0, 4096) == b"\x62" * 4096
         with pytest.raises(qcowfs.ImageError, match="img.qcow2"):
             disk.snapshot("gamma")
+    # qemu-img allows two snapshots of one name: then only the ids tell them apart
+    q.qemu_img("snapshot", "-c", "beta", str(img))
+    with qcowfs.open_image(str(img)) as disk:
+        with pytest.raises(qcowfs.ImageError, match="ambiguous"):
+            disk.snapshot("beta")
+        with disk.snapshot("3") as third:
+            assert third.read(0, 4096) == b"\x62" * 4096
 
 
 def _snapshot_table_entries(path: Path) -> list[int]:
@@ -655,7 +662,7 @@ def test_readinto_reports_the_count_and_stops_at_the_end(tmp_path: Path):
         assert disk.read(2 * size, 10) == b""
 
 
-def test_environment_has_no_leftover_files(tmp_path: Path):
+def test_reading_leaves_the_image_and_its_folder_untouched(tmp_path: Path):
     """Reading never writes next to the image (no lock files, no temporary files)."""
     img = q.create(tmp_path / "img.qcow2", MiB)
     q.qemu_io(img, "write -P 0x12 0 4096")
