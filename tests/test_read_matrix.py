@@ -550,6 +550,24 @@ def test_chain_qcow2_over_qcow2_over_raw_in_different_folders(fx: Fixtures, tmp_
         assert disk.read(0, disk.size) == expected
 
 
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+def test_short_middle_layer_hides_a_longer_base(fx: Fixtures, tmp_path: Path, base_fmt: str):
+    """Past the end of a short backing file the guest reads zeros, even where a longer file
+    further down the chain has data."""
+    base_raw = tmp_path / "base.raw"
+    base_raw.write_bytes(random.Random(60).randbytes(4 * MiB))
+    base = base_raw if base_fmt == "raw" else q.convert(base_raw, tmp_path / "base.qcow2")
+    mid = q.create(tmp_path / "mid.qcow2", MiB + 4096, backing=base.name, backing_fmt=base_fmt)
+    q.qemu_io(mid, "write -P 0x3c 4096 4096")
+    top = q.create(tmp_path / "top.qcow2", 4 * MiB, backing=mid.name)
+    q.qemu_io(top, f"write -P 0x3d {2 * MiB} 4096")
+    expected = q.to_raw(top, tmp_path / "expected.raw")
+    assert expected[MiB + 4096:2 * MiB] == bytes(MiB - 4096)
+    assert_reads_like_qemu(top, tmp_path)
+    with qcowfs.open_image(str(top)) as disk:
+        assert disk.read(MiB, 8192) == base_raw.read_bytes()[MiB:MiB + 4096] + bytes(4096)
+
+
 def test_backing_chain_of_several_qcow2_layers(fx: Fixtures, tmp_path: Path):
     size = 2 * MiB
     prev = q.convert(fx.seed_raw("l0.raw", size // 2, seed=30), tmp_path / "l0.qcow2",
