@@ -28,7 +28,6 @@ from qcowfs.format.tables import (
     REFT_OFFSET_MASK,
     REFT_RESERVED_MASK,
     ZERO_FLAG,
-    decode_refblock,
     decode_u64_table,
     encode_refblock,
     encode_u64_table,
@@ -36,6 +35,7 @@ from qcowfs.format.tables import (
     refcount_max,
 )
 from qcowfs.image.qcow2 import Qcow2Image
+from qcowfs.image.refcount_read import OnDiskRefcounts, UnreadableRefblock
 from qcowfs.image.walk import Tally, tally_references
 
 FIX_LEAKS = 1
@@ -76,7 +76,7 @@ _OVERLAP_KINDS = ("qcow2_header", "active L1 table", "active L2 table", "refcoun
                   "refcount block", "snapshot table", "inactive L1 table", "bitmap directory")
 
 
-def _metadata_clusters(image: Qcow2Image, refs: _Refcounts) -> dict[str, set[int]]:
+def _metadata_clusters(image: Qcow2Image, refs: OnDiskRefcounts) -> dict[str, set[int]]:
     """Which host clusters hold each kind of metadata (as the image says, right or wrong)."""
     h = image.header
     cs = image.cluster_size
@@ -111,7 +111,7 @@ class _Guard:
     """Refuse a metadata write that overlaps other metadata, as QEMU's default overlap check
     does; the image is then marked corrupt."""
 
-    def __init__(self, image: Qcow2Image, refs: _Refcounts):
+    def __init__(self, image: Qcow2Image, refs: OnDiskRefcounts):
         self.image = image
         self.kinds = _metadata_clusters(image, refs)
 
@@ -121,74 +121,6 @@ class _Guard:
         for other in _OVERLAP_KINDS:
             if other != kind and clusters & self.kinds[other]:
                 raise _Refused(other)
-
-
-class _Unreadable(Exception):
-    """A refcount block that cannot be read (its table entry is misaligned)."""
-
-
-class _Refcounts:
-    """The on-disk refcount structures, readable and patchable in place."""
-
-    def __init__(self, image: Qcow2Image):
-        self.image = image
-        h = image.header
-        self.cs = image.cluster_size
-        self.order = h.refcount_order
-        self.per_block = refblock_entries(h.cluster_bits, h.refcount_order)
-        self.file_size = image.file.refresh_size()
-        size = h.refcount_table_clusters * self.cs
-        raw = image.file.read(h.refcount_table_offset, size)
-        raw += bytes(size - len(raw))
-        self.table = decode_u64_table(raw)
-        self.blocks: dict[int, list[int]] = {}
-        self.dirty: set[int] = set()
-
-    def block_offset(self, index: int) -> int:
-        """The refblock offset for table index ``index``, or 0 when none (or unusable)."""
-        if index >= len(self.table):
-            return 0
-        entry = self.table[index]
-        off = entry & REFT_OFFSET_MASK
-        if not off or off % self.cs or off + self.cs > self.file_size:
-            return 0
-        return off
-
-    def block(self, index: int) -> list[int] | None:
-        off = self.block_offset(index)
-        if not off:
-            return None
-        values = self.blocks.get(index)
-        if values is None:
-            values = decode_refblock(self.image.file.read(off, self.cs), self.order)
-            self.blocks[index] = values
-        return values
-
-    def get(self, cluster: int) -> int:
-        index, within = divmod(cluster, self.per_block)
-        if index < len(self.table) and self.table[index] & REFT_OFFSET_MASK & (self.cs - 1):
-            raise _Unreadable
-        values = self.block(index)
-        return values[within] if values is not None else 0
-
-    def set(self, cluster: int, value: int) -> bool:
-        index, within = divmod(cluster, self.per_block)
-        values = self.block(index)
-        if values is None:
-            return False
-        values[within] = value
-        self.dirty.add(index)
-        return True
-
-    def flush(self, guard: _Guard | None = None) -> None:
-        f = self.image.file
-        for index in sorted(self.dirty):
-            if guard is not None:
-                guard.check("refcount block", self.block_offset(index), self.cs)
-            f.write(self.block_offset(index), encode_refblock(self.blocks[index], self.order))
-        if self.dirty:
-            f.sync()
-        self.dirty.clear()
 
 
 def check_image(image: Qcow2Image, fix: int = 0) -> CheckResult:
@@ -219,7 +151,7 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
     for d in tally.defects:
         res.corruptions += 1
         res.messages.append(f"ERROR {d.message}")
-    refs = _Refcounts(image)
+    refs = OnDiskRefcounts(image)
     rebuild = _check_refblocks(refs, tally, res)
     nb = _cluster_count(refs, tally)
 
@@ -230,7 +162,7 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
         old = (res.corruptions, res.leaks)
         res.messages.append("Rebuilding refcount structure")
         _rebuild(image, tally)
-        refs = _Refcounts(image)
+        refs = OnDiskRefcounts(image)
         tally = tally_references(image)
         # QEMU counts afresh after the switch: what the walk finds, no leaks yet
         res.corruptions, res.leaks = len(tally.defects), 0
@@ -290,7 +222,7 @@ def _check_snapshot_table(image: Qcow2Image, res: CheckResult) -> None:
             res.messages.append(f"ERROR Snapshot table entry {i} is incomplete")
 
 
-def _check_refblocks(refs: _Refcounts, tally: Tally, res: CheckResult) -> bool:
+def _check_refblocks(refs: OnDiskRefcounts, tally: Tally, res: CheckResult) -> bool:
     """Refcount table entries that cannot be used; returns whether a rebuild is needed."""
     rebuild = False
     cs = refs.cs
@@ -314,7 +246,7 @@ def _check_refblocks(refs: _Refcounts, tally: Tally, res: CheckResult) -> bool:
     return rebuild
 
 
-def _cluster_count(refs: _Refcounts, tally: Tally) -> int:
+def _cluster_count(refs: OnDiskRefcounts, tally: Tally) -> int:
     nb = -(-refs.file_size // refs.cs)
     nb = max(nb, len(tally.counts))
     if tally.beyond_eof:
@@ -322,7 +254,7 @@ def _cluster_count(refs: _Refcounts, tally: Tally) -> int:
     return nb
 
 
-def _compare(refs: _Refcounts, tally: Tally, nb: int, fix: int, res: CheckResult
+def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckResult
              ) -> tuple[int, bool]:
     """qemu-img's comparison of on-disk and expected refcounts: (the highest cluster either
     says is in use, whether the refcount structures need a rebuild)."""
@@ -333,7 +265,7 @@ def _compare(refs: _Refcounts, tally: Tally, nb: int, fix: int, res: CheckResult
     for i in range(nb):
         try:
             on = refs.get(i)
-        except _Unreadable:
+        except UnreadableRefblock:
             res.messages.append(f"Can't get refcount for cluster {i}: Input/output error")
             res.check_errors += 1
             continue
@@ -364,7 +296,7 @@ def _compare(refs: _Refcounts, tally: Tally, nb: int, fix: int, res: CheckResult
     return highest, rebuild
 
 
-def _check_copied(image: Qcow2Image, refs: _Refcounts, res: CheckResult, fix: int) -> None:
+def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix: int) -> None:
     """COPIED must be set exactly on active L1/L2 entries whose cluster has refcount 1."""
     h = image.header
     cs = image.cluster_size
@@ -387,7 +319,7 @@ def _check_copied(image: Qcow2Image, refs: _Refcounts, res: CheckResult, fix: in
             continue
         try:
             rc = refs.get(l2_off // cs)
-        except _Unreadable:
+        except UnreadableRefblock:
             rc = None
         if rc is not None and (rc == 1) != bool(l1e & COPIED):
             res.corruptions += 1
@@ -417,7 +349,7 @@ def _check_copied(image: Qcow2Image, refs: _Refcounts, res: CheckResult, fix: in
                     continue
                 try:
                     rc = refs.get(host // cs)
-                except _Unreadable:
+                except UnreadableRefblock:
                     continue
             if entry & ZERO_FLAG and not host and not image.has_data_file:
                 continue

@@ -1,64 +1,88 @@
-"""Read-only refcount lookups on an open qcow2 image (for reporting, not for allocation)."""
+"""Refcounts as they are on disk, for check, repair and reporting (not for allocation)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-from qcowfs.errors import FormatError
 from qcowfs.format.tables import (
     REFT_OFFSET_MASK,
     decode_refblock,
     decode_u64_table,
+    encode_refblock,
     refblock_entries,
 )
 from qcowfs.image.qcow2 import Qcow2Image
 
-_CACHED_BLOCKS = 64
+
+class UnreadableRefblock(Exception):
+    """A refcount block that cannot be read (its table entry is misaligned)."""
 
 
-class RefcountReader:
-    """The on-disk refcount of each host cluster, reading refblocks on demand."""
+class OnDiskRefcounts:
+    """The on-disk refcount structures as they are, readable and patchable in place.
+
+    Unlike the writer's :class:`qcowfs.image.refcount.Refcounts`, this never refuses a
+    broken structure: a refblock that is misaligned or past the end of the file reads as
+    absent, so check and map work on damaged images."""
 
     def __init__(self, image: Qcow2Image):
         self.image = image
         h = image.header
+        self.cs = image.cluster_size
+        self.order = h.refcount_order
         self.per_block = refblock_entries(h.cluster_bits, h.refcount_order)
-        size = h.refcount_table_clusters * image.cluster_size
-        if h.refcount_table_offset + size > image.file.size:
-            raise FormatError(image.path, "reference count table runs past the end of the file")
-        self.table = decode_u64_table(
-            image.file.read_exact(h.refcount_table_offset, size, "reference count table"))
-        self._blocks: OrderedDict[int, list[int]] = OrderedDict()
+        self.file_size = image.file.refresh_size()
+        size = h.refcount_table_clusters * self.cs
+        raw = image.file.read(h.refcount_table_offset, size)
+        raw += bytes(size - len(raw))
+        self.table = decode_u64_table(raw)
+        self.blocks: dict[int, list[int]] = {}
+        self.dirty: set[int] = set()
 
-    def refcount(self, cluster: int) -> int:
-        """The refcount of host cluster number ``cluster`` (0 where no refblock covers it)."""
-        index, within = divmod(cluster, self.per_block)
+    def block_offset(self, index: int) -> int:
+        """The refblock offset for table index ``index``, or 0 when none (or unusable)."""
         if index >= len(self.table):
             return 0
-        offset = self.table[index] & REFT_OFFSET_MASK
-        if not offset:
+        entry = self.table[index]
+        off = entry & REFT_OFFSET_MASK
+        if not off or off % self.cs or off + self.cs > self.file_size:
             return 0
-        block = self._blocks.get(offset)
-        if block is None:
-            block = self._load(offset)
-        else:
-            self._blocks.move_to_end(offset)
-        return block[within]
+        return off
 
-    def _load(self, offset: int) -> list[int]:
-        img = self.image
-        cs = img.cluster_size
-        if offset % cs:
-            raise FormatError(img.path, f"refcount block at unaligned offset {offset}")
-        if offset + cs > img.file.size:
-            raise FormatError(img.path, f"refcount block at offset {offset} lies past the end "
-                                        f"of the file")
-        block = decode_refblock(img.file.read_exact(offset, cs, "refcount block"),
-                                img.header.refcount_order)
-        self._blocks[offset] = block
-        if len(self._blocks) > _CACHED_BLOCKS:
-            self._blocks.popitem(last=False)
-        return block
+    def block(self, index: int) -> list[int] | None:
+        off = self.block_offset(index)
+        if not off:
+            return None
+        values = self.blocks.get(index)
+        if values is None:
+            values = decode_refblock(self.image.file.read(off, self.cs), self.order)
+            self.blocks[index] = values
+        return values
+
+    def get(self, cluster: int) -> int:
+        index, within = divmod(cluster, self.per_block)
+        if index < len(self.table) and self.table[index] & REFT_OFFSET_MASK & (self.cs - 1):
+            raise UnreadableRefblock
+        values = self.block(index)
+        return values[within] if values is not None else 0
+
+    def set(self, cluster: int, value: int) -> bool:
+        index, within = divmod(cluster, self.per_block)
+        values = self.block(index)
+        if values is None:
+            return False
+        values[within] = value
+        self.dirty.add(index)
+        return True
+
+    def flush(self, guard=None) -> None:
+        """Write back patched blocks (each first passed to ``guard.check``), then fsync."""
+        f = self.image.file
+        for index in sorted(self.dirty):
+            if guard is not None:
+                guard.check("refcount block", self.block_offset(index), self.cs)
+            f.write(self.block_offset(index), encode_refblock(self.blocks[index], self.order))
+        if self.dirty:
+            f.sync()
+        self.dirty.clear()
 
 
 def looks_metadata_preallocated(image: Qcow2Image, allocated_bytes: int) -> bool:
@@ -69,11 +93,11 @@ def looks_metadata_preallocated(image: Qcow2Image, allocated_bytes: int) -> bool
     real_clusters = allocated_bytes // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = (image.file.size + cs - 1) // cs
-    reader = RefcountReader(image)
+    reader = OnDiskRefcounts(image)
     count = 0
     for i in range(end_cluster):
         if count >= threshold:
             break
-        if reader.refcount(i):
+        if reader.get(i):
             count += 1
     return count >= threshold
