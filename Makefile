@@ -32,7 +32,7 @@ $(VENV)/.stamp: pyproject.toml
 venv: $(VENV)/.stamp
 
 lint: venv
-	$(VENV)/bin/ruff check qcowfs tests bench
+	$(VENV)/bin/ruff check qcowfs tests $(wildcard bench)
 	$(VENV)/bin/lint-imports
 
 test: system-deps venv lint

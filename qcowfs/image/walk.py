@@ -1,0 +1,288 @@
+"""Walk every piece of qcow2 metadata and tally how many references each host cluster has.
+
+This is the ground truth for ``check`` (compare with the refcounts on disk), for repairing a
+dirty image, and for rebuilding refcount structures. The walk never trusts what it reads: every
+defect becomes a :class:`Defect` and the walk goes on; only host I/O errors raise.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+
+from qcowfs.errors import ImageError
+from qcowfs.format.bitmaps import (
+    BME_TABLE_OFFSET_MASK,
+    BME_TABLE_RESERVED_MASK,
+    parse_bitmap_directory,
+)
+from qcowfs.format.tables import (
+    COMPRESSED,
+    COPIED,
+    L1E_OFFSET_MASK,
+    L1E_RESERVED_MASK,
+    L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK,
+    MAX_L1_BYTES,
+    REFT_OFFSET_MASK,
+    REFT_RESERVED_MASK,
+    SUB_ALLOC_MASK,
+    ZERO_FLAG,
+    decode_u64_table,
+)
+from qcowfs.image.qcow2 import Qcow2Image
+
+CORRUPTION = "corruption"
+
+
+@dataclass
+class Defect:
+    kind: str  # "corruption" (more kinds may follow)
+    message: str
+    offset: int = 0  # host offset it concerns, when there is one
+
+
+@dataclass
+class ActiveStats:
+    """Fragmentation figures of the active L1, as ``qemu-img check`` reports them."""
+
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+
+
+@dataclass
+class Tally:
+    """Expected refcount per host cluster index of the image file."""
+
+    cluster_size: int
+    counts: array  # array('Q'), one entry per cluster of the file (and beyond, if referenced)
+    defects: list[Defect] = field(default_factory=list)
+    stats: ActiveStats = field(default_factory=ActiveStats)
+    #: clusters referenced past the end of the file (index -> count)
+    beyond_eof: dict[int, int] = field(default_factory=dict)
+
+    def expected(self, index: int) -> int:
+        if index < len(self.counts):
+            return self.counts[index]
+        return self.beyond_eof.get(index, 0)
+
+    @property
+    def end_offset(self) -> int:
+        """One past the last cluster anything references."""
+        last = max(self.beyond_eof, default=-1)
+        if last < 0:
+            for i in range(len(self.counts) - 1, -1, -1):
+                if self.counts[i]:
+                    last = i
+                    break
+        return (last + 1) * self.cluster_size
+
+
+class _Walker:
+    def __init__(self, image: Qcow2Image, *, max_clusters_beyond_eof: int = 1 << 20):
+        self.image = image
+        self.h = image.header
+        self.cs = image.cluster_size
+        self.file = image.file
+        self.file_clusters = -(-self.file.refresh_size() // self.cs)
+        self.tally = Tally(self.cs, array("Q", bytes(8 * self.file_clusters)))
+        self.max_beyond = max_clusters_beyond_eof
+        self._next_host = 0
+
+    def defect(self, message: str, offset: int = 0) -> None:
+        self.tally.defects.append(Defect(CORRUPTION, message, offset))
+
+    def ref(self, offset: int, length: int, what: str) -> None:
+        """+1 for every cluster overlapping [offset, offset + length)."""
+        if length <= 0:
+            return
+        cs = self.cs
+        first = offset // cs
+        last = (offset + length - 1) // cs
+        counts = self.tally.counts
+        for i in range(first, last + 1):
+            if i < len(counts):
+                counts[i] += 1
+            else:
+                beyond = self.tally.beyond_eof
+                if len(beyond) >= self.max_beyond:
+                    self.defect(f"too many references past the end of the file ({what})", i * cs)
+                    return
+                beyond[i] = beyond.get(i, 0) + 1
+
+    def read_table(self, offset: int, nbytes: int, what: str) -> array | None:
+        if offset + nbytes > self.file.size:
+            self.defect(f"{what} at offset {offset} lies past the end of the file", offset)
+            return None
+        return decode_u64_table(self.file.read(offset, nbytes))
+
+    # --- pieces -----------------------------------------------------------------------------
+
+    def walk(self) -> Tally:
+        h = self.h
+        self.ref(0, self.cs, "header")
+        self.walk_l1(h.l1_table_offset, h.l1_size, "active L1 table", active=True)
+        for snap in self.image.snapshots:
+            self.walk_snapshot_l1(snap.l1_table_offset, snap.l1_size, snap.id)
+        if h.nb_snapshots:
+            self.ref(h.snapshots_offset, self.image.snapshot_table_bytes, "snapshot table")
+        self.ref(h.refcount_table_offset, h.refcount_table_clusters * self.cs, "refcount table")
+        if h.crypto:
+            self.ref(h.crypto.offset, h.crypto.length, "encryption header")
+        if h.bitmaps:
+            self.walk_bitmaps()
+        self.walk_refblocks()
+        return self.tally
+
+    def walk_snapshot_l1(self, offset: int, size: int, sid: str) -> None:
+        if offset % self.cs:
+            self.defect(f"snapshot {sid}: L1 table at unaligned offset {offset}", offset)
+            return
+        if size * 8 > MAX_L1_BYTES:
+            self.defect(f"snapshot {sid}: L1 table too large", offset)
+            return
+        self.walk_l1(offset, size, f"L1 table of snapshot {sid}", active=False)
+
+    def walk_l1(self, offset: int, size: int, what: str, active: bool) -> None:
+        if not size:
+            return
+        self.ref(offset, size * 8, what)
+        l1 = self.read_table(offset, size * 8, what)
+        if l1 is None:
+            return
+        stats = self.tally.stats
+        if active:
+            stats.total_clusters = -(-self.h.size // self.cs)
+        for i, entry in enumerate(l1):
+            l2_off = entry & L1E_OFFSET_MASK
+            if entry & L1E_RESERVED_MASK:
+                self.defect(f"{what}: entry {i} has reserved bits set (0x{entry:016x})", offset)
+            if not l2_off:
+                continue
+            if l2_off % self.cs:
+                self.defect(f"{what}: L2 table at unaligned offset {l2_off}", l2_off)
+                continue
+            self.ref(l2_off, self.cs, "L2 table")
+            table = self.read_table(l2_off, self.cs, "L2 table")
+            if table is not None:
+                self.walk_l2(table, l2_off, active)
+
+    def walk_l2(self, table: array, l2_off: int, active: bool) -> None:
+        img = self.image
+        cs = self.cs
+        extended = img.extended_l2
+        step = 2 if extended else 1
+        data_file = img.has_data_file
+        stats = self.tally.stats
+        layout = img.compressed
+        for j in range(0, len(table), step):
+            entry = table[j]
+            if not entry and (not extended or not table[j + 1]):
+                continue
+            if entry & COMPRESSED:
+                if entry & COPIED:
+                    self.defect(f"compressed L2 entry in table at {l2_off} has the COPIED flag",
+                                l2_off)
+                if extended and table[j + 1]:
+                    self.defect(f"compressed extended L2 entry in table at {l2_off} has a "
+                                f"subcluster bitmap", l2_off)
+                host, length = layout.decode(entry)
+                start = host & ~511
+                self.ref(start, (host - start) + length, "compressed cluster")
+                if active:
+                    # QEMU counts every compressed cluster as fragmented: neighbours share sectors.
+                    stats.allocated_clusters += 1
+                    stats.compressed_clusters += 1
+                    stats.fragmented_clusters += 1
+                continue
+            reserved = L2E_STD_RESERVED_MASK | (ZERO_FLAG if extended else 0)
+            if entry & reserved:
+                self.defect(f"L2 entry 0x{entry:016x} in table at {l2_off} has reserved bits "
+                            f"set", l2_off)
+                continue
+            host = entry & L2E_OFFSET_MASK
+            if extended:
+                bitmap = table[j + 1]
+                if (bitmap & SUB_ALLOC_MASK) & (bitmap >> 32):
+                    self.defect(f"extended L2 entry in table at {l2_off} marks subclusters "
+                                f"both allocated and zero", l2_off)
+                if bitmap & SUB_ALLOC_MASK and not host and not (data_file and entry & COPIED):
+                    self.defect(f"extended L2 entry in table at {l2_off} allocates subclusters"
+                                f" of an unallocated cluster", l2_off)
+            if entry & ZERO_FLAG and self.h.version < 3:
+                self.defect(f"zero cluster entry in version 2 image (table at {l2_off})",
+                            l2_off)
+            if not host:
+                continue
+            if host % cs:
+                self.defect(f"L2 entry in table at {l2_off} points at unaligned offset {host}",
+                            l2_off)
+                continue
+            if active:
+                stats.allocated_clusters += 1
+                self._fragment(host)
+            if not data_file:
+                self.ref(host, cs, "data cluster")
+
+    def _fragment(self, host: int) -> None:
+        if self._next_host and host != self._next_host:
+            self.tally.stats.fragmented_clusters += 1
+        self._next_host = host + self.cs
+
+    def walk_bitmaps(self) -> None:
+        ext = self.h.bitmaps
+        assert ext is not None
+        if ext.directory_offset % self.cs or ext.directory_size > 1024 * 65535:
+            self.defect("bitmap directory has an invalid offset or size", ext.directory_offset)
+            return
+        self.ref(ext.directory_offset, ext.directory_size, "bitmap directory")
+        if ext.directory_offset + ext.directory_size > self.file.size:
+            self.defect("bitmap directory lies past the end of the file", ext.directory_offset)
+            return
+        try:
+            entries = parse_bitmap_directory(
+                self.file.read(ext.directory_offset, ext.directory_size), ext.nb_bitmaps)
+        except ImageError as exc:
+            self.defect(f"bitmap directory: {exc.reason}", ext.directory_offset)
+            return
+        for bm in entries:
+            if bm.table_offset % self.cs or bm.table_size * 8 > MAX_L1_BYTES:
+                self.defect(f"bitmap {bm.name!r}: invalid table", bm.table_offset)
+                continue
+            self.ref(bm.table_offset, bm.table_size * 8, "bitmap table")
+            table = self.read_table(bm.table_offset, bm.table_size * 8, "bitmap table")
+            if table is None:
+                continue
+            for entry in table:
+                if entry & BME_TABLE_RESERVED_MASK:
+                    self.defect(f"bitmap {bm.name!r}: table entry has reserved bits set",
+                                bm.table_offset)
+                    continue
+                off = entry & BME_TABLE_OFFSET_MASK
+                if off:
+                    self.ref(off, self.cs, "bitmap data")
+
+    def walk_refblocks(self) -> None:
+        h = self.h
+        table = self.read_table(h.refcount_table_offset, h.refcount_table_clusters * self.cs,
+                                "refcount table")
+        if table is None:
+            return
+        for i, entry in enumerate(table):
+            off = entry & REFT_OFFSET_MASK
+            if entry & REFT_RESERVED_MASK:
+                self.defect(f"refcount table entry {i} has reserved bits set",
+                            h.refcount_table_offset)
+            if not off:
+                continue
+            if off % self.cs:
+                self.defect(f"refblock {i} at unaligned offset {off}", off)
+                continue
+            self.ref(off, self.cs, "refcount block")
+
+
+def tally_references(image: Qcow2Image) -> Tally:
+    """Walk all metadata of ``image`` (as it is on disk) and count references per cluster."""
+    return _Walker(image).walk()
