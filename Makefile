@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gcc \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gcc systemd \
                 python3-dev python3-venv
 BENCH_APT_PACKAGES := fio qemu-system-common
 PYTEST_ARGS ?=

@@ -8,7 +8,7 @@ import random
 
 import pytest
 from mounttools import mounted, needs_fuse, read_all
-from qemutools import create, qemu_img, qemu_io, to_raw
+from qemutools import create, poke, qemu_img, qemu_io, to_raw
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -175,3 +175,43 @@ def test_awkward_snapshot_names_are_all_reachable(tmp_path):
             assert f"id: {sid}\n" in info and f"name: {name}\n" in info
             with open(mp / "snapshots" / entry / "disk", "rb") as f:
                 assert f.read(4096) == bytes([0x10 + int(sid) - 1]) * 4096
+
+
+def test_bad_cluster_answers_eio_and_the_daemon_goes_on(tmp_path):
+    img = create(tmp_path / "bad.qcow2", "4M", cluster_size=65536)
+    qemu_io(img, "write -P 0x77 0 64k", "write -P 0x78 1M 64k")
+    mapping = {e["start"]: e for e in json_map(img)}
+    assert mapping[0]["data"] and mapping[1 << 20]["data"]
+    l2 = _l2_offset(img)
+    with open(img, "rb") as f:
+        f.seek(l2 + 16 * 8)  # the L2 entry of guest offset 1 MiB
+        entry = int.from_bytes(f.read(8), "big")
+    assert entry & 0x00FFFFFFFFFFFE00
+    poke(img, l2 + 16 * 8, (entry | 0x100).to_bytes(8, "big"))  # a reserved bit
+    with mounted(img, tmp_path / "mnt", "ro") as mp:
+        fd = os.open(mp / "disk", os.O_RDONLY | os.O_DIRECT)
+        try:
+            import mmap
+            buf = mmap.mmap(-1, 65536)
+            with pytest.raises(OSError) as exc:
+                os.preadv(fd, [buf], 1 << 20)
+            assert exc.value.errno == errno.EIO
+            assert os.preadv(fd, [buf], 0) == 65536 and buf[:] == b"\x77" * 65536
+        finally:
+            os.close(fd)
+        with open(mp / "disk", "rb") as f:  # the daemon still serves new requests
+            assert f.read(4) == b"\x77" * 4
+
+
+def json_map(img):
+    import json
+    return json.loads(qemu_img("map", "--output=json", img).stdout)
+
+
+def _l2_offset(img):
+    """The host offset of the first L2 table (from the header's L1 table pointer)."""
+    with open(img, "rb") as f:
+        head = f.read(104)
+        l1_offset = int.from_bytes(head[40:48], "big")
+        f.seek(l1_offset)
+        return int.from_bytes(f.read(8), "big") & 0x00FFFFFFFFFFFE00
