@@ -211,3 +211,20 @@ def test_mount_t_fuse_qcowfs_and_fstab(tmp_path, image, mount_helper):
     finally:
         force_unmount(mp)
     assert not is_mounted(mp)
+
+
+def test_sigkilled_daemon_dead_mount_is_cleared_and_remounts(tmp_path, image):
+    mp = tmp_path / "mnt"
+    with mounted(image, mp, "ro"):
+        pid = _daemon_pid(mp)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not _pid_alive(pid), what="the daemon to die")
+        with pytest.raises(OSError):
+            os.listdir(mp)  # ENOTCONN: a dead FUSE mount
+        u = qcowfs("umount", mp)
+        assert u.returncode == 0, u.stderr
+        assert "not closed cleanly" in u.stderr
+        assert not is_mounted(mp)
+    assert_check_clean(image)
+    with mounted(image, mp, "ro") as again:
+        assert os.listdir(again / "snapshots") == ["snap"]

@@ -177,6 +177,8 @@ class QcowfsOperations(pyfuse3.Operations):
             if kind is Kind.DISK:
                 if writing and self.read_only:
                     raise FsError(errno.EROFS)
+                if flags & os.O_TRUNC and writing:
+                    await self._truncate(node, 0)  # atomic O_TRUNC arrives with open
                 handle = Handle(node, self.disk, writing)
                 info_direct = self.direct_io
             elif kind is Kind.SNAP_DISK:
