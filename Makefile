@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gcc systemd \
+                qemu-system-x86 busybox-static \
                 python3-dev python3-venv
 BENCH_APT_PACKAGES := fio qemu-system-common
 PYTEST_ARGS ?=
