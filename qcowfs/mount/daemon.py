@@ -275,7 +275,7 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
     try:
         _fuse_init(ops, mountpoint, opts.fuse_options(image))
     except MountError as exc:
-        _close_disk(disk, opts)
+        _close_disk(disk, opts, quiet=True)
         if ready_fd is None:
             raise
         os.write(ready_fd, str(exc).encode() + b"\n")
@@ -324,13 +324,14 @@ async def _on_signals(mountpoint: str) -> None:
             return
 
 
-def _close_disk(disk, opts: MountOptions) -> bool:
+def _close_disk(disk, opts: MountOptions, quiet: bool = False) -> bool:
     """Flush and close the image; False (logged) when that failed."""
     try:
         if not opts.read_only:
             disk.flush()
         disk.close()
-        log.info("image closed cleanly")
+        if not quiet:
+            log.info("image closed cleanly")
         return True
     except ImageError as exc:
         log.error("closing the image failed: %s", exc)
