@@ -121,7 +121,7 @@ class QcowfsOperations(pyfuse3.Operations):
         try:
             return self._entry(self.tree.attr(self.tree.lookup(parent_inode, os.fsdecode(name))))
         except Exception as exc:
-            raise self._fail(exc, f"lookup {name!r}") from None
+            raise self._fail(exc, f"lookup {os.fsdecode(name)!r}") from None
 
     async def getattr(self, inode, ctx=None):
         try:
@@ -315,7 +315,7 @@ class QcowfsOperations(pyfuse3.Operations):
             log.info("took snapshot %s (id %s)", info.name, info.id)
             return self._entry(self.tree.attr(self.tree.snaps[info.id].dir))
         except Exception as exc:
-            raise self._fail(exc, f"snapshot {name!r}") from None
+            raise self._fail(exc, f"snapshot {os.fsdecode(name)!r}") from None
 
     async def rmdir(self, parent_inode, name, ctx):
         try:
@@ -336,7 +336,7 @@ class QcowfsOperations(pyfuse3.Operations):
             self._snapshots_changed(deleted=name)
             log.info("deleted snapshot %s (id %s)", nodes.info.name, sid)
         except Exception as exc:
-            raise self._fail(exc, f"delete snapshot {name!r}") from None
+            raise self._fail(exc, f"delete snapshot {os.fsdecode(name)!r}") from None
 
     def _snapshots_changed(self, deleted: bytes | None = None) -> None:
         for stale in self.tree.refresh_snapshots():
