@@ -41,6 +41,10 @@ from .tree import Tree
 log = logging.getLogger("qcowfs.mount")
 
 READY = b"ok\n"
+#: pyfuse3 worker tasks. Every handler does its engine work inline without awaiting, so requests
+#: are served one after the other whatever the count; more workers only add task hand-offs
+#: (measured: 4k random reads 1.2x to 2x faster with one, at queue depth 1 and 16).
+FUSE_WORKERS = 1
 TRACED = ("lookup", "getattr", "setattr", "open", "read", "write", "fsync", "release",
           "opendir", "readdir", "mkdir", "rmdir", "statfs", "getxattr")
 
@@ -310,7 +314,7 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
 async def _serve_until_done(mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, mountpoint)
-        await pyfuse3.main()
+        await pyfuse3.main(min_tasks=1, max_tasks=FUSE_WORKERS)
         log.info("%s unmounted", mountpoint)
         nursery.cancel_scope.cancel()
 

@@ -8,7 +8,9 @@ request's engine call begins: two writes allocating in one L2 table, a flush dur
 snapshot during writes can never interleave. ``meta_lock`` (a ``trio.Lock``) keeps that true for
 the requests that change metadata (write, fsync, truncate, mkdir, rmdir): each takes it without
 waiting when it is free, and any future handler that awaits in the middle of engine work (say, to
-move a long job into a thread) must hold it across the await, so the others wait for it.
+move a long job into a thread) must hold it across the await, so the others wait for it (the
+daemon runs a single pyfuse3 worker today, see ``daemon.FUSE_WORKERS``; the rule keeps the
+handlers correct with more).
 
 Errors: the tree's :class:`FsError` becomes its errno; an :class:`ImageError` becomes its
 ``errno`` (EIO unless the engine says ENOSPC, EROFS...), logged once with the offset; anything
