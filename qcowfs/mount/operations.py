@@ -67,6 +67,7 @@ class QcowfsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._on_init = on_init
         self.errors = 0
+        self._read_buf = memoryview(bytearray(1 << 20))
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -209,12 +210,16 @@ class QcowfsOperations(pyfuse3.Operations):
         view = handle.view
         if view is None:
             return handle.data[off:off + size]
-        buf = bytearray(size)
+        # pyfuse3 copies the reply to the kernel as soon as this returns, before any other
+        # request runs, so one buffer serves every read (no 1 MiB allocation per request).
+        buf = self._read_buf
+        if size > len(buf):
+            buf = self._read_buf = memoryview(bytearray(size))
         try:
-            n = view.readinto(buf, off)
+            n = view.readinto(buf[:size], off)
         except Exception as exc:
             raise self._fail(exc, f"read of {size} bytes at offset {off}") from None
-        return buf if n == size else memoryview(buf)[:n]
+        return buf[:n]
 
     async def write(self, fh, off, buf):
         handle = self.handles[fh]
