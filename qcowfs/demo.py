@@ -153,6 +153,9 @@ def main() -> int:
         run("qemu-img", "check", top)
         print("\ndemo: all steps passed")
         return 0
+    except OSError as exc:
+        print(f"\ndemo: failed: {exc}", file=sys.stderr)
+        return 1
     finally:
         force_unmount(mp)
         shutil.rmtree(d, ignore_errors=True)
