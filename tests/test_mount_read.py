@@ -140,7 +140,11 @@ def test_read_only_mount_refuses_changes(tmp_path):
 
 def test_attributes_statfs_and_du(tmp_path):
     img = _chain(tmp_path)
-    with mounted(img, tmp_path / "mnt", "ro", "uid=1234", "gid=4321", "umask=027") as mp:
+    with mounted(img, tmp_path / "mnt", "ro", "uid=1234", "gid=4321", "umask=027",
+                 "allow_other,noexec") as mp:
+        with open("/proc/self/mountinfo") as f:
+            line = next(ln for ln in f if ln.split()[4] == str(mp))
+        assert " fuse.qcowfs " in line and "noexec" in line and "allow_other" in line
         st = os.stat(mp / "disk")
         assert st.st_size == 10 * MiB
         assert st.st_blocks == os.stat(img).st_blocks
