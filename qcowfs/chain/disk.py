@@ -4,12 +4,15 @@ snapshot of the top image as a read-only view over the same chain."""
 from __future__ import annotations
 
 import datetime
+import errno as _errno
 from dataclasses import dataclass
 
 from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
 from qcowfs.format.snapshot import SnapshotEntry
+from qcowfs.image import locking
 from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, FillFn, Mapping, Qcow2Image, zero_fill
 from qcowfs.image.raw import RawImage
+from qcowfs.image.write import Qcow2Writer
 
 from .resolve import Layer, open_chain
 
@@ -87,10 +90,16 @@ class _View:
         """Exactly ``length`` bytes, fewer only at the end of the disk."""
         if length < 0:
             raise ValueError("negative length")
+        if offset < 0:
+            raise ValueError("negative offset")
         n = max(0, min(length, self.size - offset))
+        if not n:
+            return b""
+        return self._read_view(offset, n)
+
+    def _read_view(self, offset: int, n: int) -> bytes:
         buf = bytearray(n)
-        if n:
-            self._readinto_view(memoryview(buf), offset)
+        self._readinto_view(memoryview(buf), offset)
         return bytes(buf)
 
     def __enter__(self):
@@ -119,20 +128,35 @@ class SnapshotDisk(_View):
     def _readinto_view(self, buf: memoryview, offset: int) -> None:
         self.mapping.readinto(buf, offset, self._fill)
 
+    def _read_view(self, offset: int, n: int) -> bytes:
+        return self.mapping.read(offset, n, self._fill)
+
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyError(self.path, f"snapshot {self.info.id} is read-only")
 
 
-class Disk(_View):
-    """The guest disk of an image and its backing chain (see :func:`qcowfs.open_image`)."""
+def _layer_size(layer: Layer) -> int:
+    return layer.active.size if isinstance(layer, Qcow2Image) else layer.size
 
-    def __init__(self, layers: list[Layer], writable: bool):
+
+class Disk(_View):
+    """The guest disk of an image and its backing chain (see :func:`qcowfs.open_image`).
+
+    Opened writable, the top image takes writes (copy-on-write over the backing files, which
+    stay read-only); see docs/design.md, "The write path"."""
+
+    def __init__(self, layers: list[Layer], writable: bool, *, zero_detect: bool = True):
         self.layers = layers
         self.top = layers[0]
         self.path = self.top.path
         self.writable = writable
         self._fill = _chain_fill(layers, 1)
         self._closed = False
+        self.writer: Qcow2Writer | None = None
+        if writable and isinstance(self.top, Qcow2Image):
+            backing_size = _layer_size(layers[1]) if len(layers) > 1 else 0
+            self.writer = Qcow2Writer(self.top, self._fill, backing_size,
+                                      zero_detect=zero_detect)
 
     @property
     def size(self) -> int:
@@ -145,6 +169,12 @@ class Disk(_View):
             top.active.readinto(buf, offset, self._fill)
         else:
             top.readinto(buf, offset)
+
+    def _read_view(self, offset: int, n: int) -> bytes:
+        top = self.top
+        if isinstance(top, Qcow2Image):
+            return top.active.read(offset, n, self._fill)
+        return super()._read_view(offset, n)
 
     @property
     def snapshots(self) -> list[SnapshotInfo]:
@@ -162,25 +192,107 @@ class Disk(_View):
         mapping = top.snapshot_mapping(entry)
         return SnapshotDisk(self, mapping, SnapshotInfo.from_entry(entry, top.header.size))
 
+    # --- writing ----------------------------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if self._closed:
+            raise ImageError(self.path, "disk is closed")
+        if not self.writable:
+            raise ReadOnlyError(self.path, "image is open read-only")
+
+    def write(self, offset: int, data) -> None:
+        """Write ``data`` at guest ``offset`` (inside the disk) into the top image."""
+        self._require_writable()
+        if self.writer is not None:
+            self.writer.write(offset, data)
+        else:
+            n = len(memoryview(data).cast("B"))
+            if offset < 0 or offset + n > self.size:
+                raise ImageError(self.path, f"write of {n} bytes at offset {offset} lies outside"
+                                            f" the disk ({self.size} bytes)", errno=_errno.EINVAL)
+            self.top.write(offset, data)
+
+    def flush(self) -> None:
+        """Everything written so far is durable when this returns."""
+        self._require_writable()
+        if self.writer is not None:
+            self.writer.flush()
+        else:
+            self.top.flush()
+
+    def _qcow2_writer(self, what: str) -> Qcow2Writer:
+        self._require_writable()
+        if self.writer is None:
+            raise UnsupportedError(self.path, f"{what} needs a qcow2 image")
+        return self.writer
+
+    def create_snapshot(self, name: str) -> SnapshotInfo:
+        """An internal snapshot of the disk as it is now."""
+        from qcowfs.image import snapshots
+        entry = snapshots.create(self._qcow2_writer("an internal snapshot"), name)
+        return SnapshotInfo.from_entry(entry, self.top.header.size)
+
+    def delete_snapshot(self, id_or_name: str) -> None:
+        from qcowfs.image import snapshots
+        snapshots.delete(self._qcow2_writer("an internal snapshot"), id_or_name)
+
+    def apply_snapshot(self, id_or_name: str) -> None:
+        """Revert the disk to a snapshot (its size too, as QEMU 7.2 does)."""
+        from qcowfs.image import snapshots
+        snapshots.apply(self._qcow2_writer("an internal snapshot"), id_or_name)
+
+    def resize(self, new_size: int, shrink: bool = False) -> None:
+        """Grow the disk; shrink it only when ``shrink`` is true."""
+        self._require_writable()
+        if self.writer is not None:
+            from qcowfs.image import resize
+            resize.resize(self.writer, new_size, shrink=shrink)
+        else:
+            if new_size < self.size and not shrink:
+                raise ImageError(self.path, "shrinking needs shrink=True", errno=_errno.EINVAL)
+            self.top.truncate(new_size)
+
     def close(self) -> None:
+        """A clean close: metadata written, dirty bit cleared, locks released."""
         if self._closed:
             return
         self._closed = True
-        for layer in self.layers:
-            layer.close()
+        try:
+            if self.writer is not None:
+                self.writer.close()
+            elif self.writable:
+                self.top.flush()
+        finally:
+            for layer in self.layers:
+                layer.close()
+
+
+def _lock_chain(layers: list[Layer], writable: bool) -> None:
+    """QEMU's lock bytes: a writer's on the writable top, a reader's on everything else."""
+    for i, layer in enumerate(layers):
+        mode = locking.LockMode.WRITE if writable and i == 0 else locking.LockMode.READ
+        locking.acquire(layer.file.fd, layer.path, mode)
+        if isinstance(layer, Qcow2Image) and layer.data_file is not layer.file:
+            locking.acquire(layer.data_file.fd, layer.data_file.path, mode)
 
 
 def open_image(path: str, writable: bool = False, *, format: str | None = None,
-               l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES) -> Disk:
+               l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, zero_detect: bool = True) -> Disk:
     """Open ``path`` and its whole backing chain as one guest disk.
 
-    Backing files are always opened read-only. ``format`` is 'qcow2' or 'raw' (probed when
-    None). Every problem raises a subclass of :class:`qcowfs.ImageError`.
+    Backing files are always opened read-only; ``writable`` opens the top image read/write.
+    ``format`` is 'qcow2' or 'raw' (probed when None). ``zero_detect`` turns writes of all-zero
+    buffers into zero clusters (v3). Every problem raises a subclass of
+    :class:`qcowfs.ImageError`; an image another process writes raises LockedError.
     """
-    if writable:
-        raise UnsupportedError(path, "writable opens are not available yet")
     layers = open_chain(path, fmt=format, writable=writable, l2_cache_bytes=l2_cache_bytes)
-    return Disk(layers, writable)
+    try:
+        _lock_chain(layers, writable)
+        return Disk(layers, writable, zero_detect=zero_detect)
+    except BaseException:
+        for layer in layers:
+            layer.close()
+        raise
 
 
 __all__ = ["Disk", "SnapshotDisk", "SnapshotInfo", "open_image", "RawImage"]

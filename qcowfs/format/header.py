@@ -272,6 +272,8 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
 
 
 def _decode_name(data: bytes, what: str) -> str:
+    if b"\0" in data:
+        raise FormatError(None, f"{what} contains a NUL byte")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

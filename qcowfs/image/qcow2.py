@@ -57,6 +57,7 @@ COMPRESSED_CACHE_CLUSTERS = 16
 _ZEROS = bytes(1 << 21)
 
 FillFn = Callable[[memoryview, int], None]
+_NOT_PLAIN_DATA = COMPRESSED | L2E_STD_RESERVED_MASK | ZERO_FLAG
 
 
 def zero_fill(buf: memoryview, offset: int = 0) -> None:
@@ -134,20 +135,35 @@ class Mapping:
             l2i = cidx & l2_mask
             while pos < span_end:
                 within = pos & cmask
-                n = min(cs - within, span_end - pos)
-                if extended:
-                    entry = table[2 * l2i]
-                    bitmap = table[2 * l2i + 1]
-                    if bitmap and not entry & COMPRESSED:
-                        last = self._subclusters(out, last, pos, n, entry, bitmap, l2i)
+                n = cs - within
+                if n > span_end - pos:
+                    n = span_end - pos
+                if not extended:
+                    entry = table[l2i]
+                    host = entry & L2E_OFFSET_MASK
+                    if host and not entry & _NOT_PLAIN_DATA and not host & cmask \
+                            and host != l2_off:
+                        # The common case, plain data: extend the run or start one.
+                        host += within
+                        if last is not None and last.kind is NORMAL \
+                                and last.host + last.length == host:
+                            last.length += n
+                        else:
+                            last = Extent(pos, n, NORMAL, host)
+                            out.append(last)
                         pos += n
                         l2i += 1
                         continue
-                    if entry & ZERO_FLAG and not entry & COMPRESSED:
-                        raise FormatError(img.path, f"extended L2 entry 0x{entry:016x} has "
-                                                    f"reserved bits set")
                 else:
-                    entry = table[l2i]
+                    entry = table[2 * l2i]
+                    if not entry & COMPRESSED:
+                        # The bitmap alone says what each subcluster is: a host offset with
+                        # no allocation bits still reads from the backing file.
+                        last = self._subclusters(out, last, pos, n, entry, table[2 * l2i + 1],
+                                                 l2i)
+                        pos += n
+                        l2i += 1
+                        continue
                 if entry & COMPRESSED:
                     if entry & COPIED or has_data_file:
                         raise FormatError(img.path, f"invalid compressed L2 entry 0x{entry:016x}"
@@ -170,6 +186,9 @@ class Mapping:
                     kind = ZERO
                     host = host + within if host else 0
                 elif host or (has_data_file and entry & COPIED):
+                    if host == l2_off and not has_data_file:
+                        raise FormatError(img.path, f"L2 entry for guest offset {pos} points at "
+                                                    f"its own L2 table")
                     kind = NORMAL
                     host += within
                 else:
@@ -207,6 +226,19 @@ class Mapping:
                                         f"unallocated cluster")
         cluster_start = pos - (pos & (cs - 1))
         end = pos + n
+        if alloc_bits == SUB_ALLOC_MASK or not alloc_bits and zero_bits in (0, SUB_ALLOC_MASK):
+            # The whole cluster is one kind: one step instead of one per subcluster.
+            if alloc_bits:
+                kind, h = NORMAL, host + (pos - cluster_start)
+            else:
+                kind, h = (ZERO if zero_bits else UNALLOCATED), 0
+            if last is not None and last.kind == kind and (
+                    kind != NORMAL or last.host + last.length == h):
+                last.length += n
+            else:
+                last = Extent(pos, n, kind, h)
+                out.append(last)
+            return last
         while pos < end:
             i = (pos - cluster_start) // sub
             step = min(cluster_start + (i + 1) * sub, end) - pos
@@ -231,8 +263,12 @@ class Mapping:
 
         ``fill(view, guest_offset)`` supplies unallocated ranges: the backing chain, or zeros.
         """
+        self._readinto_extents(buf, offset, self.extents(offset, len(buf)), fill)
+
+    def _readinto_extents(self, buf: memoryview, offset: int, extents: list[Extent],
+                          fill: FillFn) -> None:
         img = self.image
-        for e in self.extents(offset, len(buf)):
+        for e in extents:
             start = e.offset - offset
             part = buf[start:start + e.length]
             kind = e.kind
@@ -249,8 +285,14 @@ class Mapping:
 
     def read(self, offset: int, length: int, fill: FillFn = zero_fill) -> bytes:
         length = max(0, min(length, self.size - offset))
+        extents = self.extents(offset, length)
+        if len(extents) == 1 and extents[0].kind == NORMAL:
+            # One run of host data: the bytes os.pread returns are the answer, no copy.
+            data = self.image.read_data_bytes(extents[0].host, length)
+            if data is not None:
+                return data
         buf = bytearray(length)
-        self.readinto(memoryview(buf), offset, fill)
+        self._readinto_extents(memoryview(buf), offset, extents, fill)
         return bytes(buf)
 
 
@@ -310,6 +352,8 @@ class Qcow2Image:
             raise FormatError(path, "reference count table too large")
         if h.refcount_table_offset % cs or not h.refcount_table_offset:
             raise FormatError(path, "invalid reference count table offset")
+        if h.refcount_table_offset + h.refcount_table_clusters * cs > self.file.size:
+            raise FormatError(path, "reference count table lies past the end of the file")
         if h.l1_size * 8 > MAX_L1_BYTES:
             raise FormatError(path, "active L1 table too large")
         needed = hdr.l1_entries_needed(h.size, h.cluster_bits, h.extended_l2)
@@ -371,6 +415,9 @@ class Qcow2Image:
         cs = self.cluster_size
         if offset & (cs - 1):
             raise FormatError(self.path, f"L2 table at unaligned offset {offset}")
+        clash = self.metadata_overlap(offset, cs)
+        if clash:
+            raise FormatError(self.path, f"L2 table at offset {offset} overlaps {clash}")
         if offset + cs > self.file.size:
             self.file.refresh_size()
             if offset + cs > self.file.size:
@@ -381,9 +428,40 @@ class Qcow2Image:
     def l2_table(self, offset: int) -> array:
         return self.l2_cache.get(offset)
 
+    def metadata_overlap(self, offset: int, length: int) -> str | None:
+        """Which fixed metadata area of this file (the header cluster, the active L1 table,
+        the refcount table) ``[offset, offset + length)`` overlaps, or None."""
+        h = self.header
+        end = offset + length
+        if offset < self.cluster_size:
+            return "the header"
+        if offset < h.l1_table_offset + h.l1_size * 8 and h.l1_table_offset < end:
+            return "the active L1 table"
+        rt = h.refcount_table_offset
+        if offset < rt + h.refcount_table_clusters * self.cluster_size and rt < end:
+            return "the refcount table"
+        return None
+
+    def read_data_bytes(self, host: int, length: int) -> bytes | None:
+        """``length`` bytes of guest data at ``host``, or None when they run past the end of
+        the data file (then :meth:`read_data` decides)."""
+        f = self.data_file
+        if f is self.file:
+            clash = self.metadata_overlap(host, length)
+            if clash:
+                raise FormatError(self.path, f"data cluster at host offset {host} overlaps "
+                                             f"{clash}")
+        data = f.read(host, length)
+        return data if len(data) == length else None
+
     def read_data(self, buf: memoryview, host: int) -> None:
         """Read guest data stored at ``host`` in the data file; zeros past its end."""
         f = self.data_file
+        if f is self.file:
+            clash = self.metadata_overlap(host, len(buf))
+            if clash:
+                raise FormatError(self.path, f"data cluster at host offset {host} overlaps "
+                                             f"{clash}")
         got = f.readinto(buf, host)
         if got < len(buf):
             # Past the end of the file: the tail of a last, partly written cluster reads as

@@ -1,0 +1,591 @@
+"""Writing a qcow2 image: copy-on-write, allocation, zero clusters, and the order in which
+metadata reaches the disk.
+
+The write path plans each L2 table's worth of a request first (what every guest cluster needs),
+then allocates one contiguous host run per run of clusters that need new space, then writes the
+data with its copy-on-write head and tail in as few ``pwritev`` calls as it can, and only then
+changes the L2 entries -- in the cache. Dirty L2 tables and refcount blocks stay in their
+write-back caches until a flush, an eviction or the close, which write them in stages:
+
+1. refcount blocks (increments only) and all data, then ``fsync``; then the refcount table
+   entries of new blocks, then ``fsync``;
+2. L2 tables, then ``fsync``; then changed L1 entries, then ``fsync``;
+3. only now the deferred decrements: the references they drop are durably gone.
+
+So a crash at any instant leaves at worst leaked clusters (see docs/design.md, "The write path").
+"""
+
+from __future__ import annotations
+
+import errno
+from array import array
+from bisect import bisect_left
+
+from qcowfs.errors import (
+    CorruptionError,
+    FormatError,
+    ImageError,
+    ReadOnlyError,
+    UnsupportedError,
+)
+from qcowfs.format import header as hdr
+from qcowfs.format.tables import (
+    COMPRESSED,
+    COPIED,
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    SUBCLUSTERS,
+    ZERO_FLAG,
+    encode_u64_table,
+)
+from qcowfs.image.qcow2 import FillFn, Qcow2Image
+from qcowfs.image.refcount import Refcounts
+from qcowfs.image.walk import tally_references
+
+ALL_ZERO_BITS = 0xFFFFFFFF << 32
+ALL_ALLOC_BITS = 0xFFFFFFFF
+_ZEROS = bytes(1 << 21)
+
+# Actions the planner gives each guest cluster of a request.
+_INPLACE, _FILL, _ALLOC, _ZERO = 1, 2, 3, 4
+
+
+def is_zero(view: memoryview) -> bool:
+    """True when every byte of ``view`` is zero (memcmp against a zero buffer)."""
+    n = len(view)
+    if not n or view[0] or view[n - 1]:
+        return not n
+    pos = 0
+    while pos < n:
+        step = min(n - pos, len(_ZEROS))
+        if view[pos:pos + step] != _ZEROS[:step]:
+            return False
+        pos += step
+    return True
+
+
+class Qcow2Writer:
+    """The read/write side of one open qcow2 image (the top of a chain).
+
+    ``fill`` supplies what the guest sees where the image has nothing (the backing chain);
+    ``backing_size`` is where that stops (bytes past it read as zeros).
+    """
+
+    def __init__(self, image: Qcow2Image, fill: FillFn, backing_size: int, *,
+                 zero_detect: bool = True):
+        if not image.file.writable:
+            raise ReadOnlyError(image.path, "image is open read-only")
+        h = image.header
+        if h.corrupt:
+            raise FormatError(image.path, "image is marked corrupt and cannot be opened "
+                                          "read/write (repair it with 'qemu-img check -r all')")
+        if h.crypt_method:
+            raise UnsupportedError(image.path, "writing encrypted images is not supported")
+        self.img = image
+        self.path = image.path
+        self.file = image.file
+        self.data_file = image.data_file
+        self.header = h
+        self.cb = image.cluster_bits
+        self.cs = image.cluster_size
+        self.l2_bits = image.l2_bits
+        self.extended = image.extended_l2
+        self.sub_size = self.cs // SUBCLUSTERS if self.extended else self.cs
+        self.has_data_file = image.has_data_file
+        self.raw_data_file = h.data_file_raw
+        self.fill = fill
+        self.backing_size = backing_size
+        self.zero_detect = zero_detect
+        self.lazy = h.lazy_refcounts
+        self.refs = Refcounts(self.file, h)
+        self.l1_dirty: set[int] = set()
+        #: (host byte offset, length) whose refcounts drop once the L2/L1 changes are durable
+        self.deferred: list[tuple[int, int]] = []
+        self._deps_pending = False  # data or refcount increments not yet durable
+        self._image_unsynced = False
+        self._data_unsynced = False
+        self._meta: set[int] = set()
+        self._meta_sorted: list[int] | None = None
+        self.broken: str | None = None
+        self.closed = False
+        self.refs.on_metadata = self.metadata_changed
+        self.refs.on_freed = self._cluster_freed
+        image.l2_cache._write_back = self._write_l2
+        self.rebuild_metadata_set()
+        self._open_fixups()
+
+    # --- opening --------------------------------------------------------------------------
+
+    def _open_fixups(self) -> None:
+        h = self.header
+        if h.version >= 3 and h.autoclear_features & ~hdr.AUTOCLEAR_DATA_FILE_RAW:
+            # qcowfs keeps no dirty bitmaps: QEMU must see them as inconsistent from now on.
+            h.autoclear_features &= hdr.AUTOCLEAR_DATA_FILE_RAW
+            self.file.write(hdr.OFF_AUTOCLEAR, hdr.pack_u64(h.autoclear_features))
+            self.file.sync()
+        if h.dirty:
+            self._repair_dirty()
+
+    def _repair_dirty(self) -> None:
+        """Recompute every refcount from the metadata (an image left dirty by a crash with lazy
+        refcounts) and write them, then clear the dirty bit."""
+        tally = tally_references(self.img)
+        if tally.defects:
+            raise FormatError(self.path, f"dirty image cannot be repaired automatically "
+                                         f"({tally.defects[0].message}); run "
+                                         f"'qemu-img check -r all'")
+        refs = self.refs
+        bb = refs.block_bits
+        counts = tally.counts
+        for c in list(tally.beyond_eof) + [i for i in range(len(counts)) if counts[i]]:
+            if not refs.block_offset(c >> bb):
+                raise UnsupportedError(self.path, "dirty image needs its refcount structure "
+                                                  "rebuilt; run 'qemu-img check -r all'")
+        refs.set_all(tally.expected, len(counts))
+        refs.write_blocks()
+        self.file.sync()
+        self._set_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
+
+    def _set_incompat(self, value: int) -> None:
+        self.header.incompatible_features = value
+        self.file.write(hdr.OFF_INCOMPAT, hdr.pack_u64(value))
+        self.file.sync()
+
+    def mark_dirty(self) -> None:
+        """With lazy refcounts: the dirty bit is durable before any metadata changes."""
+        if self.lazy and not self.header.dirty:
+            self._set_incompat(self.header.incompatible_features | hdr.INCOMPAT_DIRTY)
+
+    # --- metadata overlap -----------------------------------------------------------------
+
+    def rebuild_metadata_set(self) -> None:
+        img, h, cs = self.img, self.header, self.cs
+        meta = self._meta
+        meta.clear()
+        meta.add(0)
+
+        def add(offset: int, nbytes: int) -> None:
+            if nbytes > 0:
+                first = offset >> self.cb
+                meta.update(range(first, ((offset + nbytes - 1) >> self.cb) + 1))
+
+        add(h.l1_table_offset, h.l1_size * 8)
+        for first, count in self.refs.metadata_clusters():
+            meta.update(range(first, first + count))
+        if h.nb_snapshots:
+            add(h.snapshots_offset, img.snapshot_table_bytes)
+        for s in img.snapshots:
+            add(s.l1_table_offset, s.l1_size * 8)
+        for entry in img.active.l1:
+            off = entry & L1E_OFFSET_MASK
+            if off:
+                meta.add(off >> self.cb)
+        del cs
+        self._meta_sorted = None
+
+    def metadata_changed(self, first: int, count: int) -> None:
+        if count > 0:
+            self._meta.update(range(first, first + count))
+        else:
+            self._meta.difference_update(range(first, first - count))
+        self._meta_sorted = None
+
+    def _cluster_freed(self, cluster: int) -> None:
+        if cluster in self._meta:
+            self._meta.discard(cluster)
+            self._meta_sorted = None
+        self.img.l2_cache.drop(cluster << self.cb)
+
+    def check_overlap(self, host: int, length: int, what: str = "data") -> None:
+        """Refuse (and mark the image corrupt) a write into the image's own metadata."""
+        first = host >> self.cb
+        last = (host + length - 1) >> self.cb
+        meta = self._meta
+        if first == last:
+            hit = first in meta
+        else:
+            if self._meta_sorted is None:
+                self._meta_sorted = sorted(meta)
+            s = self._meta_sorted
+            i = bisect_left(s, first)
+            hit = i < len(s) and s[i] <= last
+        if hit:
+            self.signal_corruption(f"{what} write at host offset {host} (+{length}) would "
+                                   f"overwrite metadata")
+
+    def signal_corruption(self, message: str) -> None:
+        self.broken = message
+        try:
+            self._set_incompat(self.header.incompatible_features | hdr.INCOMPAT_CORRUPT)
+        finally:
+            raise CorruptionError(self.path, f"{message}; the image is marked corrupt")
+
+    # --- the caches' write-back -------------------------------------------------------------
+
+    def _write_l2(self, offset: int, table: array) -> None:
+        if self._deps_pending:
+            self._stage_refcounts()
+        self.file.write(offset, encode_u64_table(table))
+        self._image_unsynced = True
+
+    def _stage_refcounts(self, force: bool = False) -> None:
+        """Stage 1: data and refcount increments durable; then new refcount blocks hooked in."""
+        refs = self.refs
+        if (force or not self.lazy or refs.dirty_entries) and refs.cache.dirty:
+            refs.write_blocks()
+            self._image_unsynced = True
+        if self._data_unsynced and self.data_file is not self.file:
+            self.data_file.sync()
+        self._data_unsynced = False
+        if self._image_unsynced:
+            self.file.sync()
+            self._image_unsynced = False
+        if refs.dirty_entries:
+            refs.write_entries()
+            self.file.sync()
+        self._deps_pending = False
+
+    def _stage_tables(self) -> None:
+        """Stage 2: L2 tables, then the L1 entries that point at new ones."""
+        cache = self.img.l2_cache
+        if cache.dirty:
+            cache.write_all()
+        if self._image_unsynced:
+            self.file.sync()
+            self._image_unsynced = False
+        if self.l1_dirty:
+            lo, hi = min(self.l1_dirty), max(self.l1_dirty) + 1
+            l1 = self.img.active.l1
+            self.file.write(self.header.l1_table_offset + 8 * lo, encode_u64_table(l1[lo:hi]))
+            self.l1_dirty.clear()
+            self.file.sync()
+
+    def _apply_deferred(self) -> None:
+        """Stage 3: drop the refcounts of clusters the durable tables no longer reference."""
+        refs = self.refs
+        while self.deferred:
+            offset, length = self.deferred[-1]
+            refs.free_bytes(offset, length)
+            self.deferred.pop()
+
+    def flush(self) -> None:
+        """Everything written so far is durable when this returns."""
+        self.check_usable()
+        self._stage_refcounts()
+        self._stage_tables()
+        self._apply_deferred()
+
+    def close(self) -> None:
+        """Clean close: all metadata written, refcounts exact, dirty bit cleared."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.broken:
+            return
+        self._stage_refcounts()
+        self._stage_tables()
+        self._apply_deferred()
+        self._stage_refcounts(force=True)
+        if self.header.dirty:
+            self._set_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
+
+    def check_usable(self) -> None:
+        if self.closed:
+            raise ImageError(self.path, "image is closed", errno=errno.EBADF)
+        if self.broken:
+            raise CorruptionError(self.path, f"image was marked corrupt: {self.broken}")
+
+    # --- L1/L2 ----------------------------------------------------------------------------
+
+    def writable_l2(self, l1i: int) -> tuple[int, array]:
+        """The active L2 table for L1 index ``l1i``, owned by the active L1 alone: a new zeroed
+        table when there is none, a copy when it is shared with a snapshot."""
+        img = self.img
+        l1 = img.active.l1
+        entry = l1[l1i]
+        old = entry & L1E_OFFSET_MASK
+        if old and entry & COPIED:
+            return old, img.l2_cache.get(old)
+        self.mark_dirty()
+        table = array("Q", img.l2_cache.get(old)) if old else array("Q", bytes(self.cs))
+        new = self.refs.allocate(1) << self.cb
+        self._deps_pending = True
+        if new >> self.cb in self._meta:
+            self.signal_corruption(f"new L2 table at host offset {new} overlaps metadata")
+        img.l2_cache.put(new, table, dirty=True)
+        self.metadata_changed(new >> self.cb, 1)
+        if old:
+            self.metadata_changed(old >> self.cb, -1)
+            self.deferred.append((old, self.cs))
+        l1[l1i] = new | COPIED
+        self.l1_dirty.add(l1i)
+        return new, table
+
+    def touch_l2(self, offset: int, table: array) -> None:
+        cache = self.img.l2_cache
+        if offset in cache:
+            cache.mark_dirty(offset)
+        else:
+            cache.put(offset, table, dirty=True)
+
+    def old_ref(self, entry: int) -> tuple[int, int] | None:
+        """The host bytes an L2 entry holds a reference to (None for none)."""
+        if self.has_data_file:
+            return None
+        if entry & COMPRESSED:
+            host, length = self.img.compressed.decode(entry)
+            start = host & ~511
+            return start, host - start + length
+        host = entry & L2E_OFFSET_MASK
+        return (host, self.cs) if host else None
+
+    # --- writing --------------------------------------------------------------------------
+
+    def note_metadata_write(self) -> None:
+        """Something was written to the image file that a later pointer will depend on."""
+        self._image_unsynced = True
+        self._deps_pending = True
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeros (zero clusters where it can)."""
+        pos = offset
+        while pos < offset + length:
+            n = min(offset + length - pos, len(_ZEROS))
+            self._write(pos, memoryview(_ZEROS)[:n], True)
+            pos += n
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        zero = self.zero_detect and not self.raw_data_file and is_zero(view)
+        self._write(offset, view, zero)
+
+    def _write(self, offset: int, view: memoryview, zero: bool) -> None:
+        self.check_usable()
+        n = len(view)
+        size = self.img.active.size
+        if offset < 0 or offset + n > size:
+            raise ImageError(self.path, f"write of {n} bytes at offset {offset} lies outside the "
+                                        f"disk ({size} bytes)", errno=errno.EINVAL)
+        if not n:
+            return
+        zero = zero and not self.raw_data_file
+        span_bits = self.cb + self.l2_bits
+        pos = offset
+        end = offset + n
+        while pos < end:
+            span_end = min(end, ((pos >> span_bits) + 1) << span_bits)
+            self._write_span(pos, view[pos - offset:span_end - offset], zero)
+            pos = span_end
+
+    def _reads_zero_unallocated(self, guest: int) -> bool:
+        return guest >= self.backing_size
+
+    def _write_span(self, pos: int, data: memoryview, zero: bool) -> None:
+        """Write ``data`` at guest ``pos``; the range lies inside one L2 table."""
+        img = self.img
+        cb, cs = self.cb, self.cs
+        extended = self.extended
+        l1i = pos >> (cb + self.l2_bits)
+        l1 = img.active.l1
+        l1e = l1[l1i]
+        l2_off = l1e & L1E_OFFSET_MASK
+        table = img.l2_cache.get(l2_off) if l2_off else None
+        l2_mask = img.l2_entries - 1
+        end = pos + len(data)
+        plan: list[list] = []
+        needs_table = False
+        p = pos
+        while p < end:
+            gc = p >> cb
+            cstart = gc << cb
+            a = p - cstart
+            b = min(end, cstart + cs) - cstart
+            i = gc & l2_mask
+            if table is None:
+                entry = bitmap = 0
+            elif extended:
+                entry, bitmap = table[2 * i], table[2 * i + 1]
+            else:
+                entry, bitmap = table[i], 0
+            act = self._plan_cluster(cstart, a, b, entry, bitmap, zero)
+            if act is not None:
+                plan.append(act)
+                if act[0] != _INPLACE:
+                    needs_table = True
+            p = cstart + b
+        if not plan:
+            return
+        if needs_table:
+            self.mark_dirty()
+            l2_off, table = self.writable_l2(l1i)
+        self._execute(plan, data, pos, l2_off, table)
+
+    def _plan_cluster(self, cstart: int, a: int, b: int, entry: int, bitmap: int,
+                      zero: bool) -> list | None:
+        """[action, cluster start, a, b, lo, hi, host, new entry, new bitmap, old reference].
+
+        [a, b) is the written part of the cluster; [lo, hi) the part the host write covers
+        (the written part plus its copy-on-write head and tail)."""
+        cs = self.cs
+        v3 = self.header.version >= 3
+        compressed = bool(entry & COMPRESSED)
+        host = 0 if compressed else entry & L2E_OFFSET_MASK
+        allocated = not compressed and (bool(host) or (self.has_data_file and bool(entry & COPIED)))
+        if not self.extended:
+            is_zero_entry = not compressed and bool(entry & ZERO_FLAG)
+            if zero:
+                reads_zero = (is_zero_entry or
+                              (not allocated and not compressed and
+                               self._reads_zero_unallocated(cstart)))
+                if reads_zero:
+                    return None
+                if v3 and a == 0 and b == cs and not self.raw_data_file:
+                    return [_ZERO, cstart, a, b, 0, 0, 0, ZERO_FLAG, 0, self.old_ref(entry)]
+            if allocated and not is_zero_entry and entry & COPIED:
+                return [_INPLACE, cstart, a, b, a, b, host, 0, 0, None]
+            if self.has_data_file:
+                return [_FILL, cstart, a, b, 0, cs, cstart, cstart | COPIED, 0, None]
+            if allocated and is_zero_entry and entry & COPIED:
+                return [_FILL, cstart, a, b, 0, cs, host, host | COPIED, 0, None]
+            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, 0, self.old_ref(entry)]
+        # Extended L2: 32 subclusters per cluster.
+        ss = self.sub_size
+        sa, sb = a // ss, -(-b // ss)
+        touched = ((1 << (sb - sa)) - 1) << sa
+        alloc_bits = bitmap & ALL_ALLOC_BITS
+        zero_bits = bitmap >> 32
+        if zero and not compressed:
+            unalloc = ~(alloc_bits | zero_bits) & touched
+            if not (alloc_bits & touched) and (
+                    not unalloc or self._reads_zero_unallocated(cstart)):
+                return None  # reads as zeros already
+            if a % ss == 0 and (b % ss == 0 or cstart + b >= self.img.active.size):
+                if a == 0 and b == cs:
+                    return [_ZERO, cstart, a, b, 0, 0, 0, 0, ALL_ZERO_BITS,
+                            self.old_ref(entry)]
+                new_bitmap = (alloc_bits & ~touched) | ((zero_bits | touched) << 32)
+                return [_ZERO, cstart, a, b, 0, 0, 0, entry, new_bitmap, None]
+        lo, hi = sa * ss, sb * ss
+        if allocated and entry & COPIED:
+            if alloc_bits & touched == touched:
+                return [_INPLACE, cstart, a, b, a, b, host, 0, 0, None]
+            new_bitmap = (alloc_bits | touched) | ((zero_bits & ~touched) << 32)
+            return [_FILL, cstart, a, b, lo, hi, host, entry, new_bitmap, None]
+        if self.has_data_file:
+            new_bitmap = (alloc_bits | touched) | ((zero_bits & ~touched) << 32)
+            return [_FILL, cstart, a, b, lo, hi, cstart, cstart | COPIED, new_bitmap, None]
+        if compressed:
+            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, ALL_ALLOC_BITS, self.old_ref(entry)]
+        if allocated:  # shared with a snapshot: copy the whole cluster
+            new_bitmap = (alloc_bits | touched) | ((zero_bits & ~touched) << 32)
+            return [_ALLOC, cstart, a, b, 0, cs, 0, COPIED, new_bitmap, self.old_ref(entry)]
+        new_bitmap = touched | ((zero_bits & ~touched) << 32)
+        return [_ALLOC, cstart, a, b, lo, hi, 0, COPIED, new_bitmap, None]
+
+    def _execute(self, plan: list[list], data: memoryview, pos: int, l2_off: int,
+                 table: array | None) -> None:
+        cb, cs = self.cb, self.cs
+        refs = self.refs
+        # Allocate one contiguous host run per run of adjacent clusters that need space.
+        allocated: list[tuple[int, int]] = []
+        try:
+            i = 0
+            while i < len(plan):
+                if plan[i][0] != _ALLOC:
+                    i += 1
+                    continue
+                j = i
+                while (j + 1 < len(plan) and plan[j + 1][0] == _ALLOC
+                       and plan[j + 1][1] == plan[j][1] + cs):
+                    j += 1
+                count = j - i + 1
+                first = refs.allocate(count)
+                self._deps_pending = True
+                allocated.append((first, count))
+                for k in range(count):
+                    plan[i + k][6] = (first + k) << cb
+                    plan[i + k][7] |= (first + k) << cb
+                i = j + 1
+            self._write_data(plan, data, pos)
+        except BaseException:
+            for first, count in allocated:
+                refs.add_range(first, count, -1)
+            raise
+        if table is None:
+            return
+        changed = False
+        l2_mask = self.img.l2_entries - 1
+        extended = self.extended
+        for act in plan:
+            kind = act[0]
+            if kind == _INPLACE:
+                continue
+            idx = (act[1] >> cb) & l2_mask
+            if extended:
+                table[2 * idx] = act[7]
+                table[2 * idx + 1] = act[8]
+            else:
+                table[idx] = act[7]
+            if act[9] is not None:
+                self.deferred.append(act[9])
+            changed = True
+        if changed:
+            self._deps_pending = True
+            self.touch_l2(l2_off, table)
+
+    def _write_data(self, plan: list[list], data: memoryview, pos: int) -> None:
+        """The host writes of a plan: written bytes with their COW head and tail, merged where
+        the host ranges continue each other (one ``pwritev`` per host run)."""
+        img = self.img
+        target = self.data_file if self.has_data_file else self.file
+        # A piece is a bytearray (head or tail) or a (start, end) slice of ``data``.
+        pieces: list = []
+        run_start = run_end = -1
+
+        def emit() -> None:
+            if run_start < 0 or run_end == run_start:
+                return
+            if target is self.file:
+                self.check_overlap(run_start, run_end - run_start)
+            target.writev(run_start, [data[p[0]:p[1]] if isinstance(p, tuple) else p
+                                      for p in pieces])
+            if target is self.file:
+                self._image_unsynced = True
+            else:
+                self._data_unsynced = True
+
+        for act in plan:
+            kind, cstart, a, b, lo, hi, host = act[:7]
+            if kind == _ZERO:
+                continue
+            if kind == _INPLACE:
+                lo, hi = a, b
+            h = host + lo
+            if h != run_end:
+                emit()
+                pieces = []
+                run_start = run_end = h
+            if lo < a:
+                head = bytearray(a - lo)
+                img.active.readinto(memoryview(head), cstart + lo, self.fill)
+                pieces.append(head)
+            s, e = cstart + a - pos, cstart + b - pos
+            if pieces and isinstance(pieces[-1], tuple) and pieces[-1][1] == s:
+                pieces[-1] = (pieces[-1][0], e)
+            else:
+                pieces.append((s, e))
+            if b < hi:
+                tail = bytearray(hi - b)
+                img.active.readinto(memoryview(tail), cstart + b, self.fill)
+                pieces.append(tail)
+            run_end = h + (hi - lo)
+        emit()
+
+    # --- whole-image helpers for snapshots and resize ---------------------------------------
+
+    def full_flush(self) -> None:
+        """Flush, then write the refcount changes of the deferred frees too: afterwards the
+        disk holds exactly what memory holds."""
+        self.flush()
+        self._stage_refcounts()
+
