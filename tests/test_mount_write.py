@@ -150,9 +150,14 @@ def test_ext4_on_loop_survives_a_remount(tmp_path):
         assert_same_tree(tree, fs)
 
 
-def _snapshot_names(img) -> list[str]:
+def _snapshot_ids(img) -> dict[str, str]:
+    """name -> id, as ``qemu-img snapshot -l`` lists them."""
     lines = qemu_img("snapshot", "-l", img).stdout.decode().splitlines()[2:]
-    return [ln.split()[1] for ln in lines if ln.strip()]
+    return {ln.split()[1]: ln.split()[0] for ln in lines if ln.strip()}
+
+
+def _snapshot_names(img) -> list[str]:
+    return list(_snapshot_ids(img))
 
 
 def test_mkdir_and_rmdir_snapshots(tmp_path, chain):
@@ -178,9 +183,10 @@ def test_mkdir_and_rmdir_snapshots(tmp_path, chain):
         disk_now = read_all(mp / "disk")
     assert_check_clean(top)
     assert _snapshot_names(top) == ["first", "second"]
-    first = to_raw(top, tmp_path / "first.raw", snapshot="first")
+    ids = _snapshot_ids(top)
+    first = to_raw(top, tmp_path / "first.raw", snapshot=ids["first"])
     assert first[3 * MiB:4 * MiB] == b"\xa1" * MiB
-    assert to_raw(top, tmp_path / "second.raw", snapshot="second") == disk_now
+    assert to_raw(top, tmp_path / "second.raw", snapshot=ids["second"]) == disk_now
     with mounted(top, tmp_path / "mnt", "rw") as mp:
         os.rmdir(mp / "snapshots" / "first")
         assert os.listdir(mp / "snapshots") == ["second"]

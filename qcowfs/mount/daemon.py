@@ -161,12 +161,8 @@ def open_disk(image: str, opts: MountOptions):
     kwargs = {}
     if opts.l2_cache_bytes is not None:
         kwargs["l2_cache_bytes"] = opts.l2_cache_bytes
-    if not opts.zero_detect:
-        kwargs["zero_detect"] = False
-    try:
-        return open_image(image, writable=not opts.read_only, **kwargs)
-    except TypeError:
-        raise MountError(image, "this engine has no zero detection switch") from None
+    return open_image(image, writable=not opts.read_only, zero_detect=opts.zero_detect,
+                      **kwargs)
 
 
 # --- the daemon -------------------------------------------------------------------------------
