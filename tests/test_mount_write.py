@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -242,3 +243,66 @@ def test_sigkill_during_writes_leaves_no_corruption(tmp_path, chain):
     assert not report.get("corruptions"), report
     with mounted(top, mp, "rw") as again:
         assert os.stat(again / "disk").st_size == 16 * MiB
+
+
+def test_snapshots_taken_while_another_process_writes(tmp_path, chain):
+    _, top = chain
+    mp = tmp_path / "mnt"
+    with mounted(top, mp, "rw"):
+        stop = tmp_path / "stop"
+        script = ("import os, random, sys\n"
+                  "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+                  "r = random.Random(5)\n"
+                  "n = 0\n"
+                  "while not os.path.exists(sys.argv[2]):\n"
+                  "    os.pwrite(fd, r.randbytes(4096), r.randrange(4096) * 4096)\n"
+                  "    n += 1\n"
+                  "    if n == 1:\n"
+                  "        print('writing', flush=True)\n"
+                  "os.fsync(fd)\n")
+        writer = subprocess.Popen([sys.executable, "-c", script, str(mp / "disk"), str(stop)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout.readline() == "writing\n"  # writes are under way
+            for i in range(6):
+                os.mkdir(mp / "snapshots" / f"busy{i}")
+            os.rmdir(mp / "snapshots" / "busy2")
+        finally:
+            stop.touch()
+            _, err = writer.communicate(timeout=300)
+        assert writer.returncode == 0, err
+        listed = sorted(os.listdir(mp / "snapshots"))
+        views = {n: read_all(mp / "snapshots" / n / "disk") for n in listed}
+    assert listed == ["busy0", "busy1", "busy3", "busy4", "busy5"]
+    assert_check_clean(top)
+    ids = _snapshot_ids(top)
+    assert sorted(ids) == listed
+    for name, data in views.items():
+        assert to_raw(top, tmp_path / f"{name}.raw", snapshot=ids[name]) == data
+
+
+def test_host_enospc_reaches_the_writer_and_the_daemon_survives(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
+    mp = tmp_path / "mnt"
+    try:
+        img = create(small / "img.qcow2", "64M")
+        with mounted(img, mp, "rw"):
+            fd = os.open(mp / "disk", os.O_RDWR)
+            try:
+                chunk = os.urandom(MiB)
+                with pytest.raises(OSError) as exc:
+                    for i in range(32):
+                        os.pwrite(fd, chunk, i * MiB)
+                    os.fsync(fd)
+                assert exc.value.errno == errno.ENOSPC
+                assert os.pread(fd, 4096, 0) == chunk[:4096], "the daemon still serves"
+            finally:
+                os.close(fd)
+        code, report = check(img)
+        assert not report.get("corruptions"), report
+        assert code in (0, 3), report
+    finally:
+        force_unmount(mp)
+        subprocess.run(["umount", str(small)], capture_output=True)
