@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 from qcowfs.cli.main import CommandError
-from qcowfs.mount.daemon import MountError, MountRequest, mount
 from qcowfs.mount.options import OptionError, parse_options
 
 
@@ -33,6 +32,9 @@ def run(args) -> int:
         options = parse_options(args.options)
     except OptionError as exc:
         raise CommandError(str(exc)) from None
+    # pyfuse3 and trio take a while to import: only `qcowfs mount` pays for them.
+    from qcowfs.mount.daemon import MountError, MountRequest, mount
+
     req = MountRequest(image=args.image, mountpoint=args.mountpoint, options=options,
                        foreground=args.foreground, debug=bool(getattr(args, "debug", False)))
     try:

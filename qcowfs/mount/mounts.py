@@ -9,9 +9,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from .operations import XATTR_PID
-
 FSTYPE = "fuse.qcowfs"
+#: Extended attributes of the mount root: the daemon's pid and the image it serves.
+XATTR_PID = b"user.qcowfs.pid"
+XATTR_IMAGE = b"user.qcowfs.image"
 
 
 class UnmountError(Exception):

@@ -28,12 +28,11 @@ import trio
 
 from qcowfs.errors import ImageError
 
+from .mounts import XATTR_IMAGE, XATTR_PID
 from .tree import Attr, FsError, Kind, Tree
 
 log = logging.getLogger("qcowfs.mount")
 
-XATTR_PID = b"user.qcowfs.pid"
-XATTR_IMAGE = b"user.qcowfs.image"
 
 
 class Handle:
