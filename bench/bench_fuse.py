@@ -306,6 +306,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     d = Path(tempfile.mkdtemp(prefix="run-", dir=OUT))
     try:
+        load_start = os.getloadavg()[0]
         writes = engine_writes()
         print(f"bench: {SAMPLES} samples x {RUNTIME} s per job and side, images of {SIZE}, "
               f"O_DIRECT, interleaved qcowfs/QEMU", flush=True)
@@ -313,6 +314,7 @@ def main() -> int:
         dio = direct_io_comparison(d, writes)
         big = big_image(d)
         mach = machine()
+        load = f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     finally:
         for mp in d.glob("mnt-*"):
             if is_mounted(mp):
@@ -347,7 +349,8 @@ def main() -> int:
         "backing file, a new overlay per sample. Ratios above 1.0 mean qcowfs is faster. "
         "Machines like this one are noisy: compare ratios from one run, not absolute figures "
         "across runs.\n\n"
-        f"Run {when} on: {mach}.\n\n"
+        f"Run {when} on: {mach}; {load} (other work on the machine skews the figures: "
+        "compare ratios).\n\n"
         f"{text}\n\n| measure | value |\n|---|---:|\n{extra}\n\n"
         "qcowfs's own FUSE direct I/O switch (`-o direct_io=on`, the default, against "
         "`direct_io=off`) for buffered I/O, same samples and medians; with `off` the kernel "
