@@ -144,3 +144,9 @@ def test_allow_shrink(tmp_path, raw):
         assert os.stat(mp / "disk").st_size == MiB
     assert os.path.getsize(raw) == MiB
     assert not is_mounted(tmp_path / "mnt")
+
+
+def test_touch_sets_the_disk_mtime(tmp_path, raw):
+    with standin_mount(raw, tmp_path / "mnt") as (mp, _):
+        os.utime(mp / "disk", ns=(1_000_000_000_000_000_000, 1_500_000_000_123_456_789))
+        assert os.stat(mp / "disk").st_mtime_ns == 1_500_000_000_123_456_789

@@ -138,9 +138,10 @@ class QcowfsOperations(pyfuse3.Operations):
                 raise FsError(errno.EPERM)
             if fields.update_size:
                 await self._truncate(node, attr.st_size)
-            elif (fields.update_mtime or fields.update_atime) and node.kind is Kind.DISK \
-                    and self.read_only:
-                raise FsError(errno.EROFS)
+            elif fields.update_mtime and node.kind is Kind.DISK:
+                if self.read_only:
+                    raise FsError(errno.EROFS)
+                self.tree.disk_mtime_ns = attr.st_mtime_ns  # touch(1)
             return self._entry(self.tree.attr(node))
         except Exception as exc:
             raise self._fail(exc, f"setattr {inode}") from None
