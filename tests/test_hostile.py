@@ -610,3 +610,42 @@ def test_broken_snapshot_l1_fails_only_that_snapshot(goods: Goods, tmp_path: Pat
         with pytest.raises(FormatError, match="snapshot 1") as info:
             disk.snapshot("first")
         assert str(img) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["data", "small", "v2", "snap", "zlib", "zstd", "extl2"])
+def test_random_metadata_damage_gives_only_image_errors(goods: Goods, tmp_path: Path, name: str):
+    """Seeded random damage to the header, the L1, the first L2 table and the snapshot table:
+    every copy reads or raises an ImageError naming it, in bounded memory."""
+    import random
+    src = goods.get(name)
+    good = src.read_bytes()
+    lay = layout(src)
+    regions = [(0, 700), (lay.l1_offset, lay.l1_offset + max(8, lay.l1_size * 8))]
+    if lay.l2_offset:
+        regions.append((lay.l2_offset, lay.l2_offset + min(lay.cluster_size, 4096)))
+    if lay.snapshots_offset:
+        regions.append((lay.snapshots_offset, lay.snapshots_offset + 200))
+    rng = random.Random(f"damage-{name}")
+    img = tmp_path / f"damaged-{name}.qcow2"
+    refused = 0
+    for _ in range(40):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            start, end = rng.choice(regions)
+            pos = rng.randrange(start, min(end, len(data)))
+            if rng.random() < 0.5:
+                data[pos] = rng.randrange(256)
+            else:
+                data[pos] ^= 1 << rng.randrange(8)
+        img.write_bytes(data)
+        tracemalloc.start()
+        try:
+            read_everything(img)
+        except ImageError as exc:
+            refused += 1
+            assert str(img) in str(exc) or str(tmp_path) in str(exc), str(exc)
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert peak < MEMORY_BOUND
+    assert refused, "no damage was noticed at all"

@@ -73,7 +73,8 @@ def zero_fill(buf: memoryview, offset: int = 0) -> None:
 @dataclass(slots=True)
 class Extent:
     """A guest byte range of one kind. For NORMAL, ``host`` is the host offset of ``offset``
-    (in the data file when the image has one); for ZERO it is the preallocated host offset or 0;
+    (in the data file when the image has one); for ZERO and UNALLOCATED it is the host offset
+    of a preallocated cluster (or subclusters of an allocated extended-L2 cluster) or 0;
     for COMPRESSED, ``entry`` is the L2 descriptor (a range never spans two compressed
     clusters)."""
 
@@ -86,6 +87,19 @@ class Extent:
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+def _continues(last: Extent | None, kind: ClusterKind, host: int) -> bool:
+    """Whether a piece of ``kind`` at ``host`` extends the run ``last``: data must continue on
+    the host; zero and unallocated pieces merge when neither has a host cluster, or when
+    their host clusters are contiguous."""
+    if last is None or last.kind != kind or kind == COMPRESSED_KIND:
+        return False
+    if kind == NORMAL:
+        return last.host + last.length == host
+    if not host and not last.host:
+        return True
+    return bool(host and last.host) and last.host + last.length == host
 
 
 class Mapping:
@@ -124,7 +138,7 @@ class Mapping:
             l2_off = l1e & L1E_OFFSET_MASK
             if not l2_off:
                 n = span_end - pos
-                if last is not None and last.kind == UNALLOCATED:
+                if last is not None and last.kind == UNALLOCATED and not last.host:
                     last.length += n
                 else:
                     last = Extent(pos, n, UNALLOCATED)
@@ -193,9 +207,7 @@ class Mapping:
                     host += within
                 else:
                     kind = UNALLOCATED
-                if last is not None and last.kind == kind and (
-                        kind is UNALLOCATED or last.host + last.length == host
-                        or (kind is ZERO and not host and not last.host)):
+                if _continues(last, kind, host):
                     last.length += n
                 else:
                     last = Extent(pos, n, kind, host)
@@ -228,12 +240,14 @@ class Mapping:
         end = pos + n
         if alloc_bits == SUB_ALLOC_MASK or not alloc_bits and zero_bits in (0, SUB_ALLOC_MASK):
             # The whole cluster is one kind: one step instead of one per subcluster.
+            # zero and unallocated subclusters of an allocated cluster keep their host
+            # offset (QEMU's ZERO_ALLOC / UNALLOCATED_ALLOC): map reports it
+            h = host + (pos - cluster_start) if allocated else 0
             if alloc_bits:
-                kind, h = NORMAL, host + (pos - cluster_start)
+                kind = NORMAL
             else:
-                kind, h = (ZERO if zero_bits else UNALLOCATED), 0
-            if last is not None and last.kind == kind and (
-                    kind != NORMAL or last.host + last.length == h):
+                kind = ZERO if zero_bits else UNALLOCATED
+            if _continues(last, kind, h):
                 last.length += n
             else:
                 last = Extent(pos, n, kind, h)
@@ -242,15 +256,14 @@ class Mapping:
         while pos < end:
             i = (pos - cluster_start) // sub
             step = min(cluster_start + (i + 1) * sub, end) - pos
+            h = host + (pos - cluster_start) if allocated else 0
             if alloc_bits >> i & 1:
                 kind = NORMAL
-                h = host + (pos - cluster_start)
             elif zero_bits >> i & 1:
-                kind, h = ZERO, 0
+                kind = ZERO
             else:
-                kind, h = UNALLOCATED, 0
-            if last is not None and last.kind == kind and (
-                    kind != NORMAL or last.host + last.length == h):
+                kind = UNALLOCATED
+            if _continues(last, kind, h):
                 last.length += step
             else:
                 last = Extent(pos, step, kind, h)
@@ -328,18 +341,21 @@ class Qcow2Image:
     @classmethod
     def open(cls, path: str, *, writable: bool = False,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-             data_file_path: str | None = None) -> Qcow2Image:
+             data_file_path: str | None = None, open_data_file: bool = True) -> Qcow2Image:
+        """Open ``path``. ``open_data_file=False`` leaves an external data file closed (for
+        commands that only look at metadata, as qemu-img info does)."""
         file = HostFile(path, writable)
         try:
             header = read_header(file)
             image = cls(path, file, header, l2_cache_bytes=l2_cache_bytes)
-            image._validate_and_load(data_file_path)
+            image._validate_and_load(data_file_path, open_data_file)
             return image
         except BaseException:
             file.close()
             raise
 
-    def _validate_and_load(self, data_file_path: str | None) -> None:
+    def _validate_and_load(self, data_file_path: str | None, open_data_file: bool = True
+                           ) -> None:
         h = self.header
         path = self.path
         cs = self.cluster_size
@@ -365,7 +381,7 @@ class Qcow2Image:
             raise FormatError(path, f"too many snapshots ({h.nb_snapshots})")
         if h.nb_snapshots and (h.snapshots_offset % cs or not h.snapshots_offset):
             raise FormatError(path, "invalid snapshot table offset")
-        if self.has_data_file:
+        if self.has_data_file and open_data_file:
             self._open_data_file(data_file_path)
         l1 = self.read_l1(h.l1_table_offset, h.l1_size, "active L1 table")
         self.active = Mapping(self, l1, h.size, "active")
