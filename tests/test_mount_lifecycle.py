@@ -176,8 +176,10 @@ HELPER = Path("/usr/sbin/mount.fuse.qcowfs")
 def mount_helper():
     """mount(8) finds helpers only in /sbin: install one for this tree unless one is there."""
     created = False
-    if not HELPER.exists():
-        HELPER.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} "
+    marker = "# written by qcowfs tests\n"
+    stale = HELPER.exists() and not HELPER.is_symlink() and marker in HELPER.read_text()
+    if not HELPER.exists() or stale:  # a helper a killed test run left behind is replaced
+        HELPER.write_text(f"#!/bin/sh\n{marker}PYTHONPATH={REPO} exec {sys.executable} "
                           f"-m qcowfs.cli.mount_helper \"$@\"\n")
         HELPER.chmod(0o755)
         created = True
