@@ -48,6 +48,15 @@ pytestmark = [needs_fuse, pytest.mark.fuse,
 MiB = 1 << 20
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie has closed its files, and so its locks)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def _digest(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -306,3 +315,24 @@ def test_host_enospc_reaches_the_writer_and_the_daemon_survives(tmp_path):
     finally:
         force_unmount(mp)
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "fusermount3 -u"])
+def test_every_way_out_closes_a_written_image_cleanly(tmp_path, chain, how):
+    _, top = chain
+    mp = tmp_path / "mnt"
+    with mounted(top, mp, "rw"):
+        pid = int(os.getxattr(mp, "user.qcowfs.pid"))
+        with open(mp / "disk", "r+b") as f:
+            f.seek(5 * MiB)
+            f.write(b"\xee" * (3 * MiB))  # no fsync: the close must flush
+        if how == "fusermount3 -u":
+            subprocess.run(["fusermount3", "-u", str(mp)], check=True)
+        else:
+            os.kill(pid, getattr(signal, how))
+        wait_until(lambda: _gone(pid), what="the daemon to exit")
+        assert not is_mounted(mp)
+    assert_check_clean(top)
+    specific = info(top).get("format-specific", {}).get("data", {})
+    assert not specific.get("corrupt"), specific
+    qemu_io(top, "read -P 0xee 5M 3M")
