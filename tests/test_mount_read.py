@@ -91,6 +91,8 @@ def test_mounted_disk_and_snapshots_equal_qemu(tmp_path, name):
              for sid in _snapshot_ids(img)}
     with mounted(img, tmp_path / "mnt", "ro") as mp:
         assert os.stat(mp / "disk").st_size == len(expected)
+        host = [img] + ([tmp_path / "df.data"] if name == "data_file" else [])
+        assert os.stat(mp / "disk").st_blocks == sum(os.stat(h).st_blocks for h in host)
         assert read_all(mp / "disk") == expected
         assert read_all(mp / "disk", direct=True) == expected
         found = {}

@@ -166,6 +166,10 @@ class Tree:
             self.disk_ctime_ns = st.st_ctime_ns
         except OSError:
             self.disk_mtime_ns = self.disk_ctime_ns = now
+        self.host_files = [image_path]  # what `du disk` counts: the top image (+ data file)
+        data_file = getattr(getattr(getattr(disk, "top", None), "data_file", None), "path", None)
+        if data_file and os.path.abspath(data_file) != image_path:
+            self.host_files.append(os.path.abspath(data_file))
         self.root = Node(ROOT_INO, Kind.ROOT)
         self.disk_node = Node(DISK_INO, Kind.DISK)
         self.snapshots_node = Node(SNAPSHOTS_INO, Kind.SNAPSHOTS)
@@ -283,10 +287,12 @@ class Tree:
         umask = self.umask
         if kind is Kind.DISK:
             mode = stat.S_IFREG | ((0o444 if self.read_only else 0o666) & ~umask)
-            try:
-                blocks = os.stat(self.image_path).st_blocks
-            except OSError:
-                blocks = 0
+            blocks = 0
+            for path in self.host_files:
+                try:
+                    blocks += os.stat(path).st_blocks
+                except OSError:
+                    pass
             return Attr(node.ino, mode, 1, self.uid, self.gid, self.disk.size, blocks,
                         self.disk_mtime_ns, self.disk_mtime_ns, self.disk_ctime_ns)
         if kind is Kind.ROOT:
