@@ -230,3 +230,16 @@ def test_sigkilled_daemon_dead_mount_is_cleared_and_remounts(tmp_path, image):
     assert_check_clean(image)
     with mounted(image, mp, "ro") as again:
         assert os.listdir(again / "snapshots") == ["snap"]
+
+
+def test_image_inside_its_own_mount_point(tmp_path):
+    """The daemon never walks a path under its own mount (that would deadlock it)."""
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    img = create(mp / "hidden.qcow2", "4M")
+    qemu_io(img, "write -P 0x42 0 64k")
+    with mounted(img, mp, "ro"):
+        st = os.stat(mp / "disk")
+        assert st.st_size == 4 << 20 and st.st_blocks > 0
+        assert os.statvfs(mp).f_blocks == os.statvfs(tmp_path).f_blocks
+        assert read_all(mp / "disk")[:65536] == b"\x42" * 65536

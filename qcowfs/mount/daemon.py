@@ -279,6 +279,7 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
     try:
         _fuse_init(ops, mountpoint, opts.fuse_options(image))
     except MountError as exc:
+        tree.close()
         _close_disk(disk, opts, quiet=True)
         if ready_fd is None:
             raise
@@ -298,6 +299,7 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
             pyfuse3.close(unmount=True)
         except Exception as exc:
             log.error("unmount failed: %s", exc)
+        tree.close()
         if not _close_disk(disk, opts):
             code = 1
         if ops.errors:

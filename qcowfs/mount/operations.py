@@ -360,7 +360,7 @@ class QcowfsOperations(pyfuse3.Operations):
 
     async def statfs(self, ctx):
         try:
-            st = os.statvfs(os.path.dirname(self.tree.image_path) or "/")
+            st = self.tree.host_statvfs()
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         out = pyfuse3.StatvfsData()

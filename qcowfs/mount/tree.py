@@ -166,10 +166,19 @@ class Tree:
             self.disk_ctime_ns = st.st_ctime_ns
         except OSError:
             self.disk_mtime_ns = self.disk_ctime_ns = now
-        self.host_files = [image_path]  # what `du disk` counts: the top image (+ data file)
+        # What `du disk` counts: the top image (and its data file). Kept as O_PATH descriptors
+        # opened before the mount, so that stat never walks a path that may lie under the
+        # mount itself (an image inside its own mount point would deadlock the daemon).
+        paths = [image_path]
         data_file = getattr(getattr(getattr(disk, "top", None), "data_file", None), "path", None)
         if data_file and os.path.abspath(data_file) != image_path:
-            self.host_files.append(os.path.abspath(data_file))
+            paths.append(os.path.abspath(data_file))
+        self.host_fds: list[int] = []
+        for path in paths:
+            try:
+                self.host_fds.append(os.open(path, os.O_PATH | os.O_CLOEXEC))
+            except OSError:
+                pass
         self.root = Node(ROOT_INO, Kind.ROOT)
         self.disk_node = Node(DISK_INO, Kind.DISK)
         self.snapshots_node = Node(SNAPSHOTS_INO, Kind.SNAPSHOTS)
@@ -288,9 +297,9 @@ class Tree:
         if kind is Kind.DISK:
             mode = stat.S_IFREG | ((0o444 if self.read_only else 0o666) & ~umask)
             blocks = 0
-            for path in self.host_files:
+            for fd in self.host_fds:
                 try:
-                    blocks += os.stat(path).st_blocks
+                    blocks += os.fstat(fd).st_blocks
                 except OSError:
                     pass
             return Attr(node.ino, mode, 1, self.uid, self.gid, self.disk.size, blocks,
@@ -312,6 +321,17 @@ class Tree:
                         info.size, 0, t, t, t)
         return Attr(node.ino, stat.S_IFREG | (0o444 & ~umask), 1, self.uid, self.gid,
                     len(nodes.meta_text), 0, t, t, t)
+
+    def host_statvfs(self) -> os.statvfs_result:
+        """The file system that holds the image."""
+        if self.host_fds:
+            return os.fstatvfs(self.host_fds[0])
+        return os.statvfs(os.path.dirname(self.image_path) or "/")
+
+    def close(self) -> None:
+        for fd in self.host_fds:
+            os.close(fd)
+        self.host_fds = []
 
     def _dir(self, node: Node, perm: int, nlink: int) -> Attr:
         mode = stat.S_IFDIR | (perm & ~self.umask)
