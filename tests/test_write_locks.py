@@ -119,9 +119,8 @@ def test_second_qcowfs_writer_is_refused_and_a_killed_holder_releases(chain):
 
 def test_two_writers_in_one_process_conflict(chain):
     top, _ = chain
-    with qcowfs.open_image(str(top), writable=True):
-        with pytest.raises(LockedError):
-            qcowfs.open_image(str(top), writable=True)
+    with qcowfs.open_image(str(top), writable=True), pytest.raises(LockedError):
+        qcowfs.open_image(str(top), writable=True)
 
 
 def test_readers_share(chain):

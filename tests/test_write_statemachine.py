@@ -82,21 +82,20 @@ def build_fixture(cfg: Config, d: Path) -> tuple[Path, list[Path]]:
     opts = dict(cfg.options)
     if cfg.chain == "qcow2":
         base = create(d / "base.qcow2", cfg.size, **opts)
-        qemu_io(base, "write -P 0x11 0 %d" % (cfg.size // 2),
-                "write -P 0x12 %d 4096" % (cfg.size - 8192))
+        qemu_io(base, f"write -P 0x11 0 {cfg.size // 2}", f"write -P 0x12 {cfg.size - 8192} 4096")
         mid = create(d / "mid.qcow2", cfg.size, backing=base, backing_fmt="qcow2", **opts)
-        qemu_io(mid, "write -P 0x21 %d %d" % (cfg.size // 4, cfg.size // 4), "write -z 0 4096")
+        qemu_io(mid, f"write -P 0x21 {cfg.size // 4} {cfg.size // 4}", "write -z 0 4096")
         create(top, cfg.size, backing=mid, backing_fmt="qcow2", **opts)
         backing = [base, mid]
     elif cfg.chain == "raw":
         base = create(d / "base.raw", cfg.size + cfg.size // 2, fmt="raw")
-        qemu_io(base, "write -P 0x33 0 %d" % (cfg.size + cfg.size // 2), fmt="raw")
+        qemu_io(base, f"write -P 0x33 0 {cfg.size + cfg.size // 2}", fmt="raw")
         create(top, cfg.size, backing=base, backing_fmt="raw", **opts)
         backing = [base]
     elif cfg.compressed:
         src = create(d / "src.raw", cfg.size, fmt="raw")
-        qemu_io(src, "write -P 0x44 0 %d" % (cfg.size // 2), "write -P 0x45 %d %d"
-                % (cfg.size // 2 + 4096, cfg.size // 4), fmt="raw")
+        qemu_io(src, f"write -P 0x44 0 {cfg.size // 2}",
+                f"write -P 0x45 {cfg.size // 2 + 4096} {cfg.size // 4}", fmt="raw")
         o = ",".join(f"{k}={'on' if v is True else v}" for k, v in opts.items())
         qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", *(["-o", o] if o else []),
                  str(src), str(top))
@@ -106,16 +105,16 @@ def build_fixture(cfg: Config, d: Path) -> tuple[Path, list[Path]]:
         if cfg.data_file == "raw":
             opts["data_file_raw"] = True
         create(top, cfg.size, **opts)
-        qemu_io(top, "write -P 0x55 0 %d" % (cfg.size // 3))
+        qemu_io(top, f"write -P 0x55 0 {cfg.size // 3}")
     else:
         create(top, cfg.size, **opts)
-        qemu_io(top, "write -P 0x66 %d %d" % (cfg.cluster_size,
-                                              min(3 * cfg.cluster_size + 100, cfg.size // 2)))
+        length = min(3 * cfg.cluster_size + 100, cfg.size // 2)
+        qemu_io(top, f"write -P 0x66 {cfg.cluster_size} {length}")
         if cfg.qemu_snapshots:
             qemu_img("snapshot", "-c", "q1", str(top))
-            qemu_io(top, "write -P 0x67 0 %d" % (cfg.size // 2))
+            qemu_io(top, f"write -P 0x67 0 {cfg.size // 2}")
             qemu_img("snapshot", "-c", "q2", str(top))
-            qemu_io(top, "write -z %d %d" % (cfg.size // 4, cfg.size // 4))
+            qemu_io(top, f"write -z {cfg.size // 4} {cfg.size // 4}")
     return top, backing
 
 
