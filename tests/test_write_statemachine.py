@@ -50,6 +50,7 @@ class Config:
 
 CONFIGS = [
     Config("c512", 1 * MiB, 512, {"cluster_size": 512}),
+    Config("c512-r64-growth", 4 * MiB, 512, {"cluster_size": 512, "refcount_bits": 64}),
     Config("c4k-r1", 2 * MiB, 4096, {"cluster_size": 4096, "refcount_bits": 1}),
     Config("c64k-r64", 4 * MiB, 65536, {"refcount_bits": 64}),
     Config("c2m", 8 * MiB, 2 * MiB, {"cluster_size": 2 * MiB}),
