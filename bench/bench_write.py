@@ -36,6 +36,7 @@ def raw_run(path: str, size: int, offsets: list[int], length: int, prealloc: boo
                         "conv=notrunc"], check=True, capture_output=True)
     fd = os.open(path, os.O_RDWR)
     data = os.urandom(length)
+    os.sync()  # start from a quiet page cache, as the qcowfs run does
     try:
         t0 = time.perf_counter()
         for off in offsets:
@@ -49,6 +50,7 @@ def raw_run(path: str, size: int, offsets: list[int], length: int, prealloc: boo
 def qcowfs_run(path: str, offsets: list[int], length: int) -> float:
     data = os.urandom(length)
     with qcowfs.open_image(path, writable=True) as disk:
+        os.sync()
         t0 = time.perf_counter()
         for off in offsets:
             disk.write(off, data)

@@ -357,7 +357,33 @@ class Qcow2Writer:
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
         zero = self.zero_detect and not self.raw_data_file and is_zero(view)
+        if not zero and self._write_in_place(offset, view):
+            return
         self._write(offset, view, zero)
+
+    def _write_in_place(self, offset: int, view: memoryview) -> bool:
+        """The common case in one step: the range lies in one cluster the active disk owns
+        alone (standard L2, no data file). False when the general path must handle it."""
+        n = len(view)
+        cb = self.cb
+        if (self.extended or self.has_data_file or self.broken or self.closed or not n
+                or offset < 0 or offset + n > self.img.active.size
+                or offset >> cb != (offset + n - 1) >> cb):
+            return False
+        img = self.img
+        l1i = offset >> (cb + self.l2_bits)
+        l1e = img.active.l1[l1i]
+        if not l1e & COPIED:
+            return False
+        entry = img.l2_cache.get(l1e & L1E_OFFSET_MASK)[(offset >> cb) & (img.l2_entries - 1)]
+        if not entry & COPIED or entry & (ZERO_FLAG | COMPRESSED):
+            return False
+        host = entry & L2E_OFFSET_MASK
+        if not host or host >> cb in self._meta:
+            return False  # the general path reports the overlap
+        self.file.write(host + (offset & (self.cs - 1)), view)
+        self._image_unsynced = True
+        return True
 
     def _write(self, offset: int, view: memoryview, zero: bool) -> None:
         self.check_usable()
