@@ -251,6 +251,6 @@ class WriteMachine(RuleBasedStateMachine):
 def test_state_machine(cfg):
     machine = type(f"WriteMachine_{cfg.name}", (WriteMachine,), {"cfg": cfg})
     runner = machine.TestCase
-    runner.settings = settings(max_examples=6, stateful_step_count=20, deadline=None,
+    runner.settings = settings(max_examples=10, stateful_step_count=25, deadline=None,
                                suppress_health_check=list(HealthCheck))
     runner().runTest()
