@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,31 +14,59 @@ QEMU_IO = "qemu-io"
 
 
 def run(*args: str | os.PathLike, check: bool = True, input: bytes | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], check=check, capture_output=True,
-                          input=input, timeout=timeout)
+        timeout: float = 120, cwd: str | os.PathLike | None = None
+        ) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(a) for a in args], check=False, capture_output=True,
+                       input=input, timeout=timeout, cwd=cwd)
+    if check and p.returncode:
+        raise QemuToolError(p.returncode, p.args, p.stdout, p.stderr)
+    return p
 
 
-def qemu_img(*args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
-    return run(QEMU_IMG, *args, check=check)
+class QemuToolError(subprocess.CalledProcessError):
+    """A failed qemu-img/qemu-io run whose message shows what the tool printed."""
+
+    def __str__(self) -> str:
+        err = (self.stderr or b"").decode(errors="replace").strip()
+        return f"{super().__str__()}: {err}"
+
+
+def qemu_img(*args: str | os.PathLike, check: bool = True,
+             cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    return run(QEMU_IMG, *args, check=check, cwd=cwd)
 
 
 def qemu_io(image: str | os.PathLike, *commands: str, fmt: str = "qcow2",
-            extra: tuple[str, ...] = ()) -> str:
+            extra: tuple[str, ...] = (), cwd: str | os.PathLike | None = None) -> str:
     """Run qemu-io commands on an image; raise if any of them reports an error."""
     args: list[str] = [QEMU_IO, "-f", fmt, *extra]
     for c in commands:
         args += ["-c", c]
     args.append(str(image))
-    out = run(*args).stdout.decode()
+    out = run(*args, cwd=cwd).stdout.decode()
     if "error" in out.lower() or "failed" in out.lower():
         raise AssertionError(f"qemu-io reported an error: {out}")
     return out
 
 
+def qemu_io_killed(image: str | os.PathLike, *commands: str, fmt: str = "qcow2") -> None:
+    """Run qemu-io commands, then kill qemu-io with SIGKILL (``sigraise 9``), as a crash
+    would: an image with lazy refcounts is left with its dirty bit set."""
+    args: list[str] = [QEMU_IO, "-f", fmt]
+    for c in (*commands, "sigraise 9"):
+        args += ["-c", c]
+    args.append(str(image))
+    p = run(*args, check=False)
+    if p.returncode not in (-9, 137):
+        raise AssertionError(f"qemu-io was not killed: exit {p.returncode}: {p.stdout!r}")
+    out = p.stdout.decode()
+    if "error" in out.lower() or "failed" in out.lower():
+        raise AssertionError(f"qemu-io reported an error: {out}")
+
+
 def create(path: str | os.PathLike, size: str | int, *, fmt: str = "qcow2",
            backing: str | os.PathLike | None = None, backing_fmt: str | None = None,
-           **options: str | int | bool) -> Path:
+           cwd: str | os.PathLike | None = None, **options: str | int | bool) -> Path:
     args: list[str] = ["create", "-q", "-f", fmt]
     if backing is not None:
         args += ["-b", str(backing), "-F", backing_fmt or "qcow2"]
@@ -45,8 +74,31 @@ def create(path: str | os.PathLike, size: str | int, *, fmt: str = "qcow2",
     if opts:
         args += ["-o", opts]
     args += [str(path), str(size)]
-    qemu_img(*args)
+    qemu_img(*args, cwd=cwd)
     return Path(path)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_fmt: str = "raw",
+            compress: bool = False, **options: str | int | bool) -> Path:
+    """``qemu-img convert -O qcow2`` (``-c`` to compress) with creation options."""
+    args: list[str] = ["convert", "-f", src_fmt, "-O", "qcow2"]
+    if compress:
+        args.append("-c")
+    opts = ",".join(f"{k}={_opt(v)}" for k, v in options.items())
+    if opts:
+        args += ["-o", opts]
+    qemu_img(*args, str(src), str(dst))
+    return Path(dst)
+
+
+def read_range(image: str | os.PathLike, out: str | os.PathLike, offset: int, length: int,
+               *, fmt: str = "qcow2") -> bytes:
+    """``length`` guest bytes at ``offset`` as QEMU reads them: ``qemu-img convert`` of a raw
+    view with an offset and a size over the image (``offset`` a multiple of 512)."""
+    opts = (f"driver=raw,offset={offset},size={length},file.driver={fmt},"
+            f"file.file.filename={os.fspath(image)}")
+    qemu_img("convert", "-O", "raw", "--image-opts", opts, str(out))
+    return Path(out).read_bytes()
 
 
 def _opt(v: str | int | bool) -> str:
@@ -56,16 +108,33 @@ def _opt(v: str | int | bool) -> str:
 
 
 def to_raw(image: str | os.PathLike, out: str | os.PathLike, *, snapshot: str | None = None,
-           fmt: str | None = None) -> bytes:
-    """What QEMU says the guest sees: ``qemu-img convert -O raw``; returns the bytes."""
+           fmt: str | None = None, cwd: str | os.PathLike | None = None) -> bytes:
+    """What QEMU says the guest sees: ``qemu-img convert -O raw``; returns the bytes.
+
+    With ``snapshot``, ``-l snapshot.id=N``: QEMU 7.2 shows the snapshot at the image's
+    *current* virtual size (see :func:`snapshot_to_raw` for its own size)."""
     args: list[str] = ["convert"]
     if fmt:
         args += ["-f", fmt]
     if snapshot is not None:
         args += ["-l", f"snapshot.id={snapshot}"]
     args += ["-O", "raw", str(image), str(out)]
-    qemu_img(*args)
+    qemu_img(*args, cwd=cwd)
     return Path(out).read_bytes()
+
+
+def snapshot_to_raw(image: str | os.PathLike, out: str | os.PathLike, snapshot_id: str) -> bytes:
+    """An internal snapshot at its own disk size, as QEMU sees it: a copy of the image (next
+    to it, so relative backing names still resolve) is reverted with ``snapshot -a`` (which
+    QEMU 7.2 also resizes to the snapshot's size), then converted to raw."""
+    image = Path(image)
+    copy = image.with_name(f".{image.name}.snapshot-{snapshot_id}")
+    shutil.copyfile(image, copy)
+    try:
+        qemu_img("snapshot", "-a", snapshot_id, str(copy))
+        return to_raw(copy, out)
+    finally:
+        copy.unlink()
 
 
 def info(image: str | os.PathLike, *extra: str) -> dict:

@@ -90,10 +90,16 @@ class _View:
         """Exactly ``length`` bytes, fewer only at the end of the disk."""
         if length < 0:
             raise ValueError("negative length")
+        if offset < 0:
+            raise ValueError("negative offset")
         n = max(0, min(length, self.size - offset))
+        if not n:
+            return b""
+        return self._read_view(offset, n)
+
+    def _read_view(self, offset: int, n: int) -> bytes:
         buf = bytearray(n)
-        if n:
-            self._readinto_view(memoryview(buf), offset)
+        self._readinto_view(memoryview(buf), offset)
         return bytes(buf)
 
     def __enter__(self):
@@ -121,6 +127,9 @@ class SnapshotDisk(_View):
 
     def _readinto_view(self, buf: memoryview, offset: int) -> None:
         self.mapping.readinto(buf, offset, self._fill)
+
+    def _read_view(self, offset: int, n: int) -> bytes:
+        return self.mapping.read(offset, n, self._fill)
 
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyError(self.path, f"snapshot {self.info.id} is read-only")
@@ -160,6 +169,12 @@ class Disk(_View):
             top.active.readinto(buf, offset, self._fill)
         else:
             top.readinto(buf, offset)
+
+    def _read_view(self, offset: int, n: int) -> bytes:
+        top = self.top
+        if isinstance(top, Qcow2Image):
+            return top.active.read(offset, n, self._fill)
+        return super()._read_view(offset, n)
 
     @property
     def snapshots(self) -> list[SnapshotInfo]:

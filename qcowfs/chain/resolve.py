@@ -33,12 +33,14 @@ def probe_format(path: str) -> str:
 
 
 def open_layer(path: str, fmt: str | None = None, *, writable: bool = False,
-               l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES) -> Layer:
+               l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+               open_data_file: bool = True) -> Layer:
     """Open one image file as ``fmt`` (probed when None)."""
     if fmt is None:
         fmt = probe_format(path)
     if fmt == "qcow2":
-        return Qcow2Image.open(path, writable=writable, l2_cache_bytes=l2_cache_bytes)
+        return Qcow2Image.open(path, writable=writable, l2_cache_bytes=l2_cache_bytes,
+                               open_data_file=open_data_file)
     if fmt == "raw":
         return RawImage.open(path, writable=writable)
     raise UnsupportedError(path, f"unsupported image format {fmt!r}")

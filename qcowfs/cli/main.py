@@ -24,9 +24,9 @@ EXIT_ERROR = 1
 class CommandError(Exception):
     """A command failed for a reason other than the image itself (bad arguments, ...)."""
 
-    def __init__(self, message: str, code: int = EXIT_ERROR):
+    def __init__(self, message: str, code: int | None = None):
         super().__init__(message)
-        self.code = code
+        self.code = EXIT_ERROR if code is None else code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"qcowfs: {args.command}: {_reason(exc)}", file=sys.stderr)
-        return getattr(exc, "code", None) if isinstance(exc, CommandError) else EXIT_ERROR
+        if isinstance(exc, CommandError):
+            return exc.code
+        # commands whose success codes overlap 1 (check, compare) set their own error code
+        return getattr(args, "error_code", EXIT_ERROR)
     except KeyboardInterrupt:
         if args.debug:
             raise

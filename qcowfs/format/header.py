@@ -272,6 +272,8 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
 
 
 def _decode_name(data: bytes, what: str) -> str:
+    if b"\0" in data:
+        raise FormatError(None, f"{what} contains a NUL byte")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -324,6 +326,37 @@ def serialize_header(h: Header) -> bytes:
     else:
         header_length = V3_HEADER_LENGTH + len(h.unknown_header_fields)
     h.header_length = header_length
+    name = h.backing_file.encode() if h.backing_file else b""
+    if len(name) > MAX_BACKING_NAME:
+        raise FormatError(None, "backing file name too long")
+    for text in (h.backing_file, h.backing_format, h.data_file):
+        if text and "\0" in text:
+            raise FormatError(None, "names in the header cannot contain NUL bytes")
+    # The feature name table is optional: like QEMU, leave it out when cluster 0 is too small.
+    for with_names in (True, False):
+        ext = _serialize_extensions(h, with_names)
+        total = header_length + len(ext) + len(name)
+        if total <= h.cluster_size:
+            break
+    else:
+        raise FormatError(None, "header, extensions and backing file name do not fit in cluster 0")
+    backing_off = header_length + len(ext) if name else 0
+    h.backing_file_offset, h.backing_file_size = backing_off, len(name)
+    out = bytearray(_V2.pack(MAGIC, h.version, backing_off, len(name), h.cluster_bits, h.size,
+                             h.crypt_method, h.l1_size, h.l1_table_offset,
+                             h.refcount_table_offset, h.refcount_table_clusters,
+                             h.nb_snapshots, h.snapshots_offset))
+    if h.version >= 3:
+        out += _V3_EXTRA.pack(h.incompatible_features, h.compatible_features,
+                              h.autoclear_features, h.refcount_order, header_length)
+        out += bytes([h.compression_type]) + b"\0" * 7
+        out += h.unknown_header_fields
+    out += ext
+    out += name
+    return bytes(out)
+
+
+def _serialize_extensions(h: Header, with_feature_names: bool) -> bytes:
     ext = bytearray()
 
     def add(magic: int, data: bytes) -> None:
@@ -340,7 +373,7 @@ def serialize_header(h: Header) -> bytes:
     if h.bitmaps:
         add(EXT_BITMAPS, _BITMAPS_EXT.pack(h.bitmaps.nb_bitmaps, 0, h.bitmaps.directory_size,
                                            h.bitmaps.directory_offset))
-    if h.version >= 3:
+    if h.version >= 3 and with_feature_names:
         names = dict(STANDARD_FEATURE_NAMES)
         names.update(h.feature_names)
         table = bytearray()
@@ -350,26 +383,7 @@ def serialize_header(h: Header) -> bytes:
     for magic, data in h.unknown_extensions:
         add(magic, data)
     ext.extend(_EXT_HEAD.pack(EXT_END, 0))
-    name = h.backing_file.encode() if h.backing_file else b""
-    if len(name) > MAX_BACKING_NAME:
-        raise FormatError(None, "backing file name too long")
-    backing_off = header_length + len(ext) if name else 0
-    total = header_length + len(ext) + len(name)
-    if total > h.cluster_size:
-        raise FormatError(None, "header, extensions and backing file name do not fit in cluster 0")
-    h.backing_file_offset, h.backing_file_size = backing_off, len(name)
-    out = bytearray(_V2.pack(MAGIC, h.version, backing_off, len(name), h.cluster_bits, h.size,
-                             h.crypt_method, h.l1_size, h.l1_table_offset,
-                             h.refcount_table_offset, h.refcount_table_clusters,
-                             h.nb_snapshots, h.snapshots_offset))
-    if h.version >= 3:
-        out += _V3_EXTRA.pack(h.incompatible_features, h.compatible_features,
-                              h.autoclear_features, h.refcount_order, header_length)
-        out += bytes([h.compression_type]) + b"\0" * 7
-        out += h.unknown_header_fields
-    out += ext
-    out += name
-    return bytes(out)
+    return bytes(ext)
 
 
 def pack_u64(value: int) -> bytes:

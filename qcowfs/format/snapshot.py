@@ -13,6 +13,7 @@ MAX_EXTRA_DATA = 1024
 V3_MIN_EXTRA_DATA = 16  # vm_state_size_large and disk_size
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
 _EXTRA = struct.Struct(">QQQ")  # vm_state_size_large, disk_size, icount
+NO_ICOUNT = (1 << 64) - 1  # the icount field's "not recorded" (-1)
 
 
 @dataclass
@@ -70,7 +71,7 @@ def parse_snapshot_table(buf: bytes, count: int) -> tuple[list[SnapshotEntry], i
             date_nsec=date_nsec, vm_clock_nsec=vm_clock,
             vm_state_size=vm_large if extra_size >= 8 else vm_state32,
             disk_size=disk_size if extra_size >= 16 else None,
-            icount=icount if extra_size >= 24 else None,
+            icount=icount if extra_size >= 24 and icount != NO_ICOUNT else None,
             extra_data_size=extra_size, unknown_extra=extra[_EXTRA.size:]))
         if pos > MAX_TABLE_BYTES:
             raise FormatError(None, "snapshot table larger than 64 MiB")
@@ -89,7 +90,7 @@ def serialize_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
     out = bytearray()
     for e in entries:
         extra = _EXTRA.pack(e.vm_state_size, e.disk_size or 0,
-                            e.icount if e.icount is not None else (1 << 64) - 1)
+                            e.icount if e.icount is not None else NO_ICOUNT)
         extra += e.unknown_extra
         ident, name = e.id.encode(), e.name.encode()
         out += _ENTRY.pack(e.l1_table_offset, e.l1_size, len(ident), len(name), e.date_sec,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import stat
 
-from qcowfs.errors import FormatError, HostIOError
+from qcowfs.errors import FormatError, HostIOError, UnsupportedError
 
 
 class HostFile:
@@ -17,15 +18,32 @@ class HostFile:
     def __init__(self, path: str, writable: bool = False):
         self.path = path
         self.writable = writable
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        # O_NONBLOCK: opening a FIFO that a hostile backing name points at must not wait for
+        # a writer; anything but a regular file or a block device is refused below.
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             self.fd = os.open(path, flags)
         except OSError as exc:
             raise HostIOError.from_oserror(path, exc, "cannot open") from None
-        self._size = self._stat_size()
+        try:
+            mode = os.fstat(self.fd).st_mode
+            self.is_block_device = stat.S_ISBLK(mode)
+            if not (stat.S_ISREG(mode) or self.is_block_device):
+                raise UnsupportedError(path, "not a regular file or a block device")
+            os.set_blocking(self.fd, True)
+            self._size = self._stat_size()
+        except OSError as exc:
+            self.close()
+            raise HostIOError.from_oserror(path, exc, "cannot stat") from None
+        except BaseException:
+            self.close()
+            raise
 
     def _stat_size(self) -> int:
         try:
+            if self.is_block_device:
+                # stat says 0 for a block device; its size is where its end is.
+                return os.lseek(self.fd, 0, os.SEEK_END)
             return os.fstat(self.fd).st_size
         except OSError as exc:
             raise HostIOError.from_oserror(self.path, exc, "cannot stat") from None

@@ -57,6 +57,7 @@ COMPRESSED_CACHE_CLUSTERS = 16
 _ZEROS = bytes(1 << 21)
 
 FillFn = Callable[[memoryview, int], None]
+_NOT_PLAIN_DATA = COMPRESSED | L2E_STD_RESERVED_MASK | ZERO_FLAG
 
 
 def zero_fill(buf: memoryview, offset: int = 0) -> None:
@@ -72,7 +73,8 @@ def zero_fill(buf: memoryview, offset: int = 0) -> None:
 @dataclass(slots=True)
 class Extent:
     """A guest byte range of one kind. For NORMAL, ``host`` is the host offset of ``offset``
-    (in the data file when the image has one); for ZERO it is the preallocated host offset or 0;
+    (in the data file when the image has one); for ZERO and UNALLOCATED it is the host offset
+    of a preallocated cluster (or subclusters of an allocated extended-L2 cluster) or 0;
     for COMPRESSED, ``entry`` is the L2 descriptor (a range never spans two compressed
     clusters)."""
 
@@ -85,6 +87,19 @@ class Extent:
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+def _continues(last: Extent | None, kind: ClusterKind, host: int) -> bool:
+    """Whether a piece of ``kind`` at ``host`` extends the run ``last``: data must continue on
+    the host; zero and unallocated pieces merge when neither has a host cluster, or when
+    their host clusters are contiguous."""
+    if last is None or last.kind != kind or kind == COMPRESSED_KIND:
+        return False
+    if kind == NORMAL:
+        return last.host + last.length == host
+    if not host and not last.host:
+        return True
+    return bool(host and last.host) and last.host + last.length == host
 
 
 class Mapping:
@@ -123,7 +138,7 @@ class Mapping:
             l2_off = l1e & L1E_OFFSET_MASK
             if not l2_off:
                 n = span_end - pos
-                if last is not None and last.kind == UNALLOCATED:
+                if last is not None and last.kind == UNALLOCATED and not last.host:
                     last.length += n
                 else:
                     last = Extent(pos, n, UNALLOCATED)
@@ -134,20 +149,35 @@ class Mapping:
             l2i = cidx & l2_mask
             while pos < span_end:
                 within = pos & cmask
-                n = min(cs - within, span_end - pos)
-                if extended:
-                    entry = table[2 * l2i]
-                    bitmap = table[2 * l2i + 1]
-                    if bitmap and not entry & COMPRESSED:
-                        last = self._subclusters(out, last, pos, n, entry, bitmap, l2i)
+                n = cs - within
+                if n > span_end - pos:
+                    n = span_end - pos
+                if not extended:
+                    entry = table[l2i]
+                    host = entry & L2E_OFFSET_MASK
+                    if host and not entry & _NOT_PLAIN_DATA and not host & cmask \
+                            and host != l2_off:
+                        # The common case, plain data: extend the run or start one.
+                        host += within
+                        if last is not None and last.kind is NORMAL \
+                                and last.host + last.length == host:
+                            last.length += n
+                        else:
+                            last = Extent(pos, n, NORMAL, host)
+                            out.append(last)
                         pos += n
                         l2i += 1
                         continue
-                    if entry & ZERO_FLAG and not entry & COMPRESSED:
-                        raise FormatError(img.path, f"extended L2 entry 0x{entry:016x} has "
-                                                    f"reserved bits set")
                 else:
-                    entry = table[l2i]
+                    entry = table[2 * l2i]
+                    if not entry & COMPRESSED:
+                        # The bitmap alone says what each subcluster is: a host offset with
+                        # no allocation bits still reads from the backing file.
+                        last = self._subclusters(out, last, pos, n, entry, table[2 * l2i + 1],
+                                                 l2i)
+                        pos += n
+                        l2i += 1
+                        continue
                 if entry & COMPRESSED:
                     if entry & COPIED or has_data_file:
                         raise FormatError(img.path, f"invalid compressed L2 entry 0x{entry:016x}"
@@ -170,13 +200,14 @@ class Mapping:
                     kind = ZERO
                     host = host + within if host else 0
                 elif host or (has_data_file and entry & COPIED):
+                    if host == l2_off and not has_data_file:
+                        raise FormatError(img.path, f"L2 entry for guest offset {pos} points at "
+                                                    f"its own L2 table")
                     kind = NORMAL
                     host += within
                 else:
                     kind = UNALLOCATED
-                if last is not None and last.kind == kind and (
-                        kind is UNALLOCATED or last.host + last.length == host
-                        or (kind is ZERO and not host and not last.host)):
+                if _continues(last, kind, host):
                     last.length += n
                 else:
                     last = Extent(pos, n, kind, host)
@@ -207,18 +238,32 @@ class Mapping:
                                         f"unallocated cluster")
         cluster_start = pos - (pos & (cs - 1))
         end = pos + n
+        if alloc_bits == SUB_ALLOC_MASK or not alloc_bits and zero_bits in (0, SUB_ALLOC_MASK):
+            # The whole cluster is one kind: one step instead of one per subcluster.
+            # zero and unallocated subclusters of an allocated cluster keep their host
+            # offset (QEMU's ZERO_ALLOC / UNALLOCATED_ALLOC): map reports it
+            h = host + (pos - cluster_start) if allocated else 0
+            if alloc_bits:
+                kind = NORMAL
+            else:
+                kind = ZERO if zero_bits else UNALLOCATED
+            if _continues(last, kind, h):
+                last.length += n
+            else:
+                last = Extent(pos, n, kind, h)
+                out.append(last)
+            return last
         while pos < end:
             i = (pos - cluster_start) // sub
             step = min(cluster_start + (i + 1) * sub, end) - pos
+            h = host + (pos - cluster_start) if allocated else 0
             if alloc_bits >> i & 1:
                 kind = NORMAL
-                h = host + (pos - cluster_start)
             elif zero_bits >> i & 1:
-                kind, h = ZERO, 0
+                kind = ZERO
             else:
-                kind, h = UNALLOCATED, 0
-            if last is not None and last.kind == kind and (
-                    kind != NORMAL or last.host + last.length == h):
+                kind = UNALLOCATED
+            if _continues(last, kind, h):
                 last.length += step
             else:
                 last = Extent(pos, step, kind, h)
@@ -231,8 +276,12 @@ class Mapping:
 
         ``fill(view, guest_offset)`` supplies unallocated ranges: the backing chain, or zeros.
         """
+        self._readinto_extents(buf, offset, self.extents(offset, len(buf)), fill)
+
+    def _readinto_extents(self, buf: memoryview, offset: int, extents: list[Extent],
+                          fill: FillFn) -> None:
         img = self.image
-        for e in self.extents(offset, len(buf)):
+        for e in extents:
             start = e.offset - offset
             part = buf[start:start + e.length]
             kind = e.kind
@@ -249,8 +298,14 @@ class Mapping:
 
     def read(self, offset: int, length: int, fill: FillFn = zero_fill) -> bytes:
         length = max(0, min(length, self.size - offset))
+        extents = self.extents(offset, length)
+        if len(extents) == 1 and extents[0].kind == NORMAL:
+            # One run of host data: the bytes os.pread returns are the answer, no copy.
+            data = self.image.read_data_bytes(extents[0].host, length)
+            if data is not None:
+                return data
         buf = bytearray(length)
-        self.readinto(memoryview(buf), offset, fill)
+        self._readinto_extents(memoryview(buf), offset, extents, fill)
         return bytes(buf)
 
 
@@ -286,18 +341,21 @@ class Qcow2Image:
     @classmethod
     def open(cls, path: str, *, writable: bool = False,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-             data_file_path: str | None = None) -> Qcow2Image:
+             data_file_path: str | None = None, open_data_file: bool = True) -> Qcow2Image:
+        """Open ``path``. ``open_data_file=False`` leaves an external data file closed (for
+        commands that only look at metadata, as qemu-img info does)."""
         file = HostFile(path, writable)
         try:
             header = read_header(file)
             image = cls(path, file, header, l2_cache_bytes=l2_cache_bytes)
-            image._validate_and_load(data_file_path)
+            image._validate_and_load(data_file_path, open_data_file)
             return image
         except BaseException:
             file.close()
             raise
 
-    def _validate_and_load(self, data_file_path: str | None) -> None:
+    def _validate_and_load(self, data_file_path: str | None, open_data_file: bool = True
+                           ) -> None:
         h = self.header
         path = self.path
         cs = self.cluster_size
@@ -310,6 +368,8 @@ class Qcow2Image:
             raise FormatError(path, "reference count table too large")
         if h.refcount_table_offset % cs or not h.refcount_table_offset:
             raise FormatError(path, "invalid reference count table offset")
+        if h.refcount_table_offset + h.refcount_table_clusters * cs > self.file.size:
+            raise FormatError(path, "reference count table lies past the end of the file")
         if h.l1_size * 8 > MAX_L1_BYTES:
             raise FormatError(path, "active L1 table too large")
         needed = hdr.l1_entries_needed(h.size, h.cluster_bits, h.extended_l2)
@@ -321,7 +381,7 @@ class Qcow2Image:
             raise FormatError(path, f"too many snapshots ({h.nb_snapshots})")
         if h.nb_snapshots and (h.snapshots_offset % cs or not h.snapshots_offset):
             raise FormatError(path, "invalid snapshot table offset")
-        if self.has_data_file:
+        if self.has_data_file and open_data_file:
             self._open_data_file(data_file_path)
         l1 = self.read_l1(h.l1_table_offset, h.l1_size, "active L1 table")
         self.active = Mapping(self, l1, h.size, "active")
@@ -371,6 +431,9 @@ class Qcow2Image:
         cs = self.cluster_size
         if offset & (cs - 1):
             raise FormatError(self.path, f"L2 table at unaligned offset {offset}")
+        clash = self.metadata_overlap(offset, cs)
+        if clash:
+            raise FormatError(self.path, f"L2 table at offset {offset} overlaps {clash}")
         if offset + cs > self.file.size:
             self.file.refresh_size()
             if offset + cs > self.file.size:
@@ -381,9 +444,40 @@ class Qcow2Image:
     def l2_table(self, offset: int) -> array:
         return self.l2_cache.get(offset)
 
+    def metadata_overlap(self, offset: int, length: int) -> str | None:
+        """Which fixed metadata area of this file (the header cluster, the active L1 table,
+        the refcount table) ``[offset, offset + length)`` overlaps, or None."""
+        h = self.header
+        end = offset + length
+        if offset < self.cluster_size:
+            return "the header"
+        if offset < h.l1_table_offset + h.l1_size * 8 and h.l1_table_offset < end:
+            return "the active L1 table"
+        rt = h.refcount_table_offset
+        if offset < rt + h.refcount_table_clusters * self.cluster_size and rt < end:
+            return "the refcount table"
+        return None
+
+    def read_data_bytes(self, host: int, length: int) -> bytes | None:
+        """``length`` bytes of guest data at ``host``, or None when they run past the end of
+        the data file (then :meth:`read_data` decides)."""
+        f = self.data_file
+        if f is self.file:
+            clash = self.metadata_overlap(host, length)
+            if clash:
+                raise FormatError(self.path, f"data cluster at host offset {host} overlaps "
+                                             f"{clash}")
+        data = f.read(host, length)
+        return data if len(data) == length else None
+
     def read_data(self, buf: memoryview, host: int) -> None:
         """Read guest data stored at ``host`` in the data file; zeros past its end."""
         f = self.data_file
+        if f is self.file:
+            clash = self.metadata_overlap(host, len(buf))
+            if clash:
+                raise FormatError(self.path, f"data cluster at host offset {host} overlaps "
+                                             f"{clash}")
         got = f.readinto(buf, host)
         if got < len(buf):
             # Past the end of the file: the tail of a last, partly written cluster reads as

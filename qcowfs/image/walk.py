@@ -162,8 +162,8 @@ class _Walker:
             if not l2_off:
                 continue
             if l2_off % self.cs:
+                # QEMU counts the (two) clusters the misplaced table covers and still reads it
                 self.defect(f"{what}: L2 table at unaligned offset {l2_off}", l2_off)
-                continue
             self.ref(l2_off, self.cs, "L2 table")
             table = self.read_table(l2_off, self.cs, "L2 table")
             if table is not None:
@@ -214,15 +214,15 @@ class _Walker:
             if entry & ZERO_FLAG and self.h.version < 3:
                 self.defect(f"zero cluster entry in version 2 image (table at {l2_off})",
                             l2_off)
-            if not host:
-                continue
-            if host % cs:
-                self.defect(f"L2 entry in table at {l2_off} points at unaligned offset {host}",
-                            l2_off)
+            if not host and not (data_file and entry & COPIED):
                 continue
             if active:
                 stats.allocated_clusters += 1
                 self._fragment(host)
+            if host % cs:
+                # QEMU counts it allocated and referencing the clusters it overlaps
+                self.defect(f"L2 entry in table at {l2_off} points at unaligned offset {host}",
+                            l2_off)
             if not data_file:
                 self.ref(host, cs, "data cluster")
 

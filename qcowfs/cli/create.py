@@ -1,0 +1,166 @@
+"""``qcowfs create``: a new qcow2 or raw image, as `qemu-img create` makes it."""
+
+from __future__ import annotations
+
+import argparse
+
+from qcowfs.chain.locks import refuse_if_in_use
+from qcowfs.chain.resolve import backing_path, open_layer
+from qcowfs.errors import BackingChainError, ImageError
+from qcowfs.format import header as hdr
+from qcowfs.image.create import QcowOptions, create_qcow2, create_raw, round_size
+from qcowfs.image.qcow2 import Qcow2Image
+
+from .common import parse_options, parse_size
+from .main import CommandError
+
+QCOW2_OPTIONS = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
+                 "compression_type", "data_file", "data_file_raw", "preallocation",
+                 "backing_file", "backing_fmt", "size")
+RAW_OPTIONS = ("preallocation", "size")
+_TRUE = {"on", "yes", "true", "y"}
+_FALSE = {"off", "no", "false", "n"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("create", help="create a new image",
+                       description="Create a new image, as `qemu-img create` does. Options "
+                                   "(-o): cluster_size, compat (0.10|v2|1.1|v3), "
+                                   "refcount_bits, lazy_refcounts, extended_l2, "
+                                   "compression_type (zlib|zstd), data_file, data_file_raw, "
+                                   "preallocation (off|metadata).")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default="raw",
+                   help="image format (default: raw, as qemu-img)")
+    p.add_argument("-b", dest="backing", help="backing file (relative to the new image's "
+                                              "folder)")
+    p.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
+                   help="format of the backing file (required with -b)")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="do not open the backing file (SIZE is then required)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="comma-separated options, e.g. cluster_size=64k,compat=1.1")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    p.add_argument("file")
+    p.add_argument("size", nargs="?", help="virtual size, with an optional k/M/G/T suffix")
+    p.set_defaults(func=run)
+
+
+def _bool(name: str, value: str) -> bool:
+    v = value.lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise CommandError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = parse_options(args.options)
+    allowed = QCOW2_OPTIONS if args.format == "qcow2" else RAW_OPTIONS
+    for key in opts:
+        if key not in allowed:
+            raise CommandError(f"{args.file}: Invalid parameter '{key}'")
+    backing = args.backing or opts.get("backing_file")
+    backing_fmt = args.backing_format or opts.get("backing_fmt")
+    size_text = args.size or opts.get("size")
+    size = None
+    if size_text is not None:
+        try:
+            size = parse_size(size_text)
+        except ValueError:
+            raise CommandError("Invalid image size specified. You may use k, M, G, T, P or E "
+                               "suffixes for kilobytes, megabytes, gigabytes, terabytes, "
+                               "petabytes and exabytes.") from None
+    if backing and args.format == "raw":
+        raise CommandError(f"{args.file}: Backing file not supported for file format 'raw'")
+    if backing and not backing_fmt:
+        raise CommandError(f"{args.file}: Backing file specified without backing format")
+    if backing and not args.unsafe:
+        backing_size = _backing_size(args.file, backing, backing_fmt)
+        if size is None:
+            size = backing_size
+    if size is None:
+        raise CommandError(f"{args.file}: Image creation needs a size parameter")
+    refuse_if_in_use(args.file)
+
+    if args.format == "raw":
+        prealloc = opts.get("preallocation", "off")
+        if prealloc != "off":
+            raise CommandError(f"{args.file}: preallocation mode '{prealloc}' is not supported "
+                               f"for raw images")
+        _say(args, f"Formatting '{args.file}', fmt=raw size={round_size(size)}")
+        create_raw(args.file, size)
+        return 0
+
+    o = qcow_options(opts, args.file, size)
+    o.backing_file, o.backing_format = backing, backing_fmt
+    ctype = opts.get("compression_type", "zlib")
+
+    line = [f"Formatting '{args.file}', fmt=qcow2", f"cluster_size={o.cluster_size}",
+            f"extended_l2={opts.get('extended_l2', 'off')}"]
+    if "preallocation" in opts:
+        line.append(f"preallocation={o.preallocation}")
+    line += [f"compression_type={ctype}", f"size={round_size(size)}"]
+    if backing:
+        line += [f"backing_file={backing}", f"backing_fmt={backing_fmt}"]
+    for key in ("compat", "data_file", "data_file_raw"):
+        if key in opts:
+            line.append(f"{key}={opts[key]}")
+    line += [f"lazy_refcounts={opts.get('lazy_refcounts', 'off')}",
+             f"refcount_bits={o.refcount_bits}"]
+    _say(args, " ".join(line))
+    create_qcow2(args.file, o)
+    return 0
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text)
+
+
+def _backing_size(image: str, backing: str, fmt: str) -> int:
+    path = backing_path(image, backing)
+    try:
+        layer = open_layer(path, fmt, open_data_file=False)
+    except ImageError as exc:
+        raise BackingChainError(image, f"could not open backing image {backing!r}: "
+                                       f"{exc.reason}") from None
+    try:
+        return layer.active.size if isinstance(layer, Qcow2Image) else layer.size
+    finally:
+        layer.close()
+
+
+def qcow_options(opts: dict[str, str], filename: str, size: int) -> QcowOptions:
+    """The qcow2 creation options of ``-o`` (also used by convert)."""
+    o = QcowOptions(size=size)
+    if "cluster_size" in opts:
+        try:
+            o.cluster_size = parse_size(opts["cluster_size"])
+        except ValueError:
+            raise CommandError(f"{filename}: Cluster size must be a power of two between 512 "
+                               f"and 2048k") from None
+    compat = opts.get("compat", "1.1")
+    if compat in ("0.10", "v2"):
+        o.version = 2
+    elif compat in ("1.1", "v3"):
+        o.version = 3
+    else:
+        raise CommandError(f"{filename}: Invalid compatibility level: '{compat}'")
+    if "refcount_bits" in opts:
+        try:
+            o.refcount_bits = int(opts["refcount_bits"])
+        except ValueError:
+            raise CommandError(f"{filename}: Invalid refcount_bits") from None
+    o.lazy_refcounts = _bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
+    o.extended_l2 = _bool("extended_l2", opts.get("extended_l2", "off"))
+    ctype = opts.get("compression_type", "zlib")
+    if ctype not in ("zlib", "zstd"):
+        raise CommandError(f"{filename}: Invalid parameter value for 'compression_type': "
+                           f"'{ctype}'")
+    o.compression_type = hdr.COMPRESSION_ZSTD if ctype == "zstd" else hdr.COMPRESSION_ZLIB
+    o.data_file = opts.get("data_file") or None
+    o.data_file_raw = _bool("data_file_raw", opts.get("data_file_raw", "off"))
+    o.preallocation = opts.get("preallocation", "off")
+
+    return o

@@ -1,0 +1,98 @@
+"""``qcowfs map``: where each guest range of an image comes from, as `qemu-img map` says."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qcowfs.chain.blockstatus import ChainStatus, MapEntry
+from qcowfs.chain.locks import lock_chain
+from qcowfs.chain.resolve import open_chain
+from qcowfs.image.info import full_backing_filename
+from qcowfs.image.qcow2 import Qcow2Image
+
+from .common import add_output
+from .main import CommandError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("map", help="show which layer holds each guest range, and where",
+                       description="Show the image's allocation map, as `qemu-img map` does.")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="image format (probed)")
+    add_output(p)
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="read even when another process holds the image")
+    p.add_argument("file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    layers = open_chain(args.file, fmt=args.format)
+    try:
+        if not args.force_share:
+            lock_chain(layers)
+        names = [args.file]
+        for layer in layers[:-1]:
+            if isinstance(layer, Qcow2Image) and layer.header.backing_file:
+                names.append(full_backing_filename(names[-1], layer.header.backing_file))
+        status = ChainStatus(layers, names)
+        if args.output == "json":
+            _print_json(status)
+        else:
+            _print_human(status)
+    finally:
+        for layer in layers:
+            layer.close()
+    return 0
+
+
+def _print_json(status: ChainStatus) -> None:
+    out = sys.stdout
+    out.write("[")
+    first = True
+    for e in status.merged():
+        if not first:
+            out.write(",\n")
+        first = False
+        j = e.as_json()
+        line = (f'{{ "start": {j["start"]}, "length": {j["length"]}, "depth": {j["depth"]},'
+                f' "present": {_b(e.present)}, "zero": {_b(e.zero)}, "data": {_b(e.data)}')
+        if e.offset is not None:
+            line += f', "offset": {e.offset}'
+        out.write(line + "}")
+    out.write("]\n")
+
+
+def _b(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _print_human(status: ChainStatus) -> None:
+    """qemu-img's table of data ranges; zeros and holes are not listed, and a run with no host
+    offset (compressed) cannot be shown."""
+    print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+    cur: MapEntry | None = None
+    for nxt in status.entries():
+        if cur is not None and cur.mergeable(nxt):
+            cur.length += nxt.length
+            continue
+        if cur is not None:
+            _human_line(cur, nxt)
+        cur = nxt
+    if cur is not None:
+        _human_line(cur, None)
+
+
+def _human_line(e: MapEntry, nxt: MapEntry | None) -> None:
+    if e.data and e.offset is None:
+        raise CommandError("File contains external, encrypted or compressed clusters.")
+    if e.data and not e.zero:
+        print(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}"
+              f"{e.filename or ''}", flush=False)
+    if nxt is not None and (not nxt.data or nxt.zero):
+        nxt.data = False
+        nxt.zero = True
+
+
+def _hex(value: int) -> str:
+    return f"{value:#x}" if value else "0"

@@ -1,0 +1,35 @@
+"""``qcowfs rebase``: change an image's backing file (qemu-img rebase)."""
+
+from __future__ import annotations
+
+import argparse
+
+from qcowfs.chain.rebase import rebase
+
+from .progress import progress_bar
+
+
+def register(sub) -> None:
+    p = sub.add_parser("rebase", help="change an image's backing file",
+                       description="Make FILE name NEW as its backing file, as `qemu-img "
+                                   "rebase` does. Safe mode (default) copies into FILE whatever "
+                                   "differs between the old and the new backing chain, so the "
+                                   "guest sees the same disk; -u only rewrites the header. "
+                                   "-b \"\" detaches FILE. NEW is relative to FILE's folder.")
+    p.add_argument("-f", dest="format", choices=("qcow2",), help="image format")
+    p.add_argument("-b", dest="backing", required=True, metavar="NEW", help="new backing file")
+    p.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
+                   help="format of the new backing file (probed in safe mode)")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="unsafe: only change the name in the header")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    p.add_argument("file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with progress_bar(args.progress and not args.quiet, None, "rebase") as step:
+        rebase(args.file, args.backing, args.backing_format, unsafe=args.unsafe,
+               fmt=args.format, progress=step)
+    return 0

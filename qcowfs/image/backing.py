@@ -1,0 +1,28 @@
+"""Changing the backing file an image names: a header rewrite inside cluster 0."""
+
+from __future__ import annotations
+
+from qcowfs.errors import FormatError, ImageError
+from qcowfs.format import header as hdr
+from qcowfs.image.qcow2 import Qcow2Image
+
+
+def set_backing_file(image: Qcow2Image, name: str | None, fmt: str | None) -> None:
+    """Make ``image`` name ``name`` (format ``fmt``) as its backing file, or none.
+
+    The new header, its extensions and the name are built in memory and written with one
+    write inside cluster 0, then synced: a reader sees the old header or the new one. Unknown
+    header fields and extensions are kept.
+    """
+    if not image.file.writable:
+        raise ImageError(image.path, "image is open read-only")
+    old = image.header
+    new = old.replace(backing_file=name or None, backing_format=fmt if name else None)
+    try:
+        data = hdr.serialize_header(new)
+    except FormatError as exc:
+        raise FormatError(image.path, exc.reason) from None
+    old_end = max(old.header_length, old.backing_file_offset + old.backing_file_size)
+    image.file.write(0, data.ljust(old_end, b"\0"))
+    image.file.sync()
+    image.header = new

@@ -1,0 +1,103 @@
+"""Refcounts as they are on disk, for check, repair and reporting (not for allocation)."""
+
+from __future__ import annotations
+
+from qcowfs.format.tables import (
+    REFT_OFFSET_MASK,
+    decode_refblock,
+    decode_u64_table,
+    encode_refblock,
+    refblock_entries,
+)
+from qcowfs.image.qcow2 import Qcow2Image
+
+
+class UnreadableRefblock(Exception):
+    """A refcount block that cannot be read (its table entry is misaligned)."""
+
+
+class OnDiskRefcounts:
+    """The on-disk refcount structures as they are, readable and patchable in place.
+
+    Unlike the writer's :class:`qcowfs.image.refcount.Refcounts`, this never refuses a
+    broken structure: a refblock that is misaligned or past the end of the file reads as
+    absent, so check and map work on damaged images."""
+
+    def __init__(self, image: Qcow2Image):
+        self.image = image
+        h = image.header
+        self.cs = image.cluster_size
+        self.order = h.refcount_order
+        self.per_block = refblock_entries(h.cluster_bits, h.refcount_order)
+        self.file_size = image.file.refresh_size()
+        size = h.refcount_table_clusters * self.cs
+        raw = image.file.read(h.refcount_table_offset, size)
+        raw += bytes(size - len(raw))
+        self.table = decode_u64_table(raw)
+        self.blocks: dict[int, list[int]] = {}
+        self.dirty: set[int] = set()
+
+    def block_offset(self, index: int) -> int:
+        """The refblock offset for table index ``index``, or 0 when none (or unusable)."""
+        if index >= len(self.table):
+            return 0
+        entry = self.table[index]
+        off = entry & REFT_OFFSET_MASK
+        if not off or off % self.cs or off + self.cs > self.file_size:
+            return 0
+        return off
+
+    def block(self, index: int) -> list[int] | None:
+        off = self.block_offset(index)
+        if not off:
+            return None
+        values = self.blocks.get(index)
+        if values is None:
+            values = decode_refblock(self.image.file.read(off, self.cs), self.order)
+            self.blocks[index] = values
+        return values
+
+    def get(self, cluster: int) -> int:
+        index, within = divmod(cluster, self.per_block)
+        if index < len(self.table) and self.table[index] & REFT_OFFSET_MASK & (self.cs - 1):
+            raise UnreadableRefblock
+        values = self.block(index)
+        return values[within] if values is not None else 0
+
+    def set(self, cluster: int, value: int) -> bool:
+        index, within = divmod(cluster, self.per_block)
+        values = self.block(index)
+        if values is None:
+            return False
+        values[within] = value
+        self.dirty.add(index)
+        return True
+
+    def flush(self, guard=None) -> None:
+        """Write back patched blocks (each first passed to ``guard.check``), then fsync."""
+        f = self.image.file
+        for index in sorted(self.dirty):
+            if guard is not None:
+                guard.check("refcount block", self.block_offset(index), self.cs)
+            f.write(self.block_offset(index), encode_refblock(self.blocks[index], self.order))
+        if self.dirty:
+            f.sync()
+        self.dirty.clear()
+
+
+def looks_metadata_preallocated(image: Qcow2Image, allocated_bytes: int) -> bool:
+    """QEMU's heuristic for "metadata was preallocated": clearly more host clusters carry a
+    refcount than the host file system has allocated. Where it holds, QEMU asks the file
+    system about holes under data clusters (so ``map`` reports them as zero)."""
+    cs = image.cluster_size
+    real_clusters = allocated_bytes // cs
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = (image.file.size + cs - 1) // cs
+    reader = OnDiskRefcounts(image)
+    count = 0
+    for i in range(end_cluster):
+        if count >= threshold:
+            break
+        if reader.get(i):
+            count += 1
+    return count >= threshold

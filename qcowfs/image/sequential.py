@@ -1,0 +1,143 @@
+"""Writing a fresh qcow2 image front to back: what ``convert`` needs before (and apart from)
+the random-access writer.
+
+Guest clusters arrive in increasing order; each data cluster (or compressed stream, packed
+byte-contiguously as QEMU packs them) is appended at the end of the file, the L2 tables follow
+at the end, then the L1 entries are written. Refcounts come last and from the metadata itself:
+the walk tallies every reference, and the refcount blocks are rewritten from that tally (or, when
+the image outgrew its first refcount block, rebuilt by the check/repair code). Nothing points at
+a cluster before it is written; an interrupted convert leaves a file to delete, never a wrong
+one that looks complete.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from qcowfs.errors import ImageError
+from qcowfs.format.compression import compress_cluster
+from qcowfs.format.tables import (
+    COPIED,
+    REFT_OFFSET_MASK,
+    ZERO_FLAG,
+    CompressedLayout,
+    encode_refblock,
+    encode_u64_table,
+    refblock_entries,
+)
+from qcowfs.image.check import FIX_ALL, check_image
+from qcowfs.image.create import QcowOptions, create_qcow2
+from qcowfs.image.qcow2 import Qcow2Image
+from qcowfs.image.walk import tally_references
+
+SUB_ALL = 0xFFFFFFFF
+
+
+class SequentialQcow2Writer:
+    """Create ``path`` with ``options`` and fill it cluster by cluster, in guest order."""
+
+    def __init__(self, path: str, options: QcowOptions, *, compress: bool = False):
+        if options.data_file:
+            raise ImageError(path, "writing into an external data file is not supported here")
+        create_qcow2(path, QcowOptions(**{**options.__dict__, "preallocation": "off"}))
+        self.path = path
+        self.image = Qcow2Image.open(path, writable=True, open_data_file=False)
+        h = self.image.header
+        self.cs = self.image.cluster_size
+        self.version = h.version
+        self.compression_type = h.compression_type
+        self.compress = compress
+        self.extended = self.image.extended_l2
+        self.words = 2 if self.extended else 1
+        self.l2_entries = self.image.l2_entries
+        self.layout = CompressedLayout(h.cluster_bits)
+        self.l1 = array("Q", bytes(8 * h.l1_size))
+        self.l2: dict[int, array] = {}
+        self.end = -(-self.image.file.refresh_size() // self.cs) * self.cs
+        self._closed = False
+
+    def _table(self, guest_cluster: int) -> tuple[array, int]:
+        index, slot = divmod(guest_cluster, self.l2_entries)
+        table = self.l2.get(index)
+        if table is None:
+            table = self.l2[index] = array("Q", bytes(8 * self.words * self.l2_entries))
+        return table, slot * self.words
+
+    def write_cluster(self, guest_cluster: int, data: bytes) -> None:
+        """Store one whole guest cluster of data (the last one padded with zeros)."""
+        f = self.image.file
+        table, slot = self._table(guest_cluster)
+        if self.compress:
+            packed = compress_cluster(data, self.compression_type)
+            if packed is not None:
+                host = self.end
+                f.write(host, packed)
+                self.end += len(packed)
+                table[slot] = self.layout.encode(host, len(packed))
+                return
+        host = -(-self.end // self.cs) * self.cs
+        f.write(host, data)
+        self.end = host + self.cs
+        table[slot] = host | COPIED
+        if self.extended:
+            table[slot + 1] = SUB_ALL
+
+    def zero_cluster(self, guest_cluster: int) -> None:
+        """Make one guest cluster read as zeros whatever the backing file holds."""
+        table, slot = self._table(guest_cluster)
+        if self.extended:
+            table[slot + 1] = SUB_ALL << 32
+        elif self.version >= 3:
+            table[slot] = ZERO_FLAG
+        else:
+            self.write_cluster(guest_cluster, bytes(self.cs))
+
+    def finish(self) -> None:
+        """Write the tables and the refcounts; the image is then complete and clean."""
+        img = self.image
+        f = img.file
+        cs = self.cs
+        h = img.header
+        pos = -(-self.end // cs) * cs
+        for index in sorted(self.l2):
+            f.write(pos, encode_u64_table(self.l2[index]))
+            self.l1[index] = pos | COPIED
+            pos += cs
+        f.sync()
+        if len(self.l1):
+            f.write(h.l1_table_offset, encode_u64_table(self.l1))
+        f.sync()
+        img.l2_cache.clear()
+        self._write_refcounts()
+        self.close()
+
+    def _write_refcounts(self) -> None:
+        img = self.image
+        h = img.header
+        cs = self.cs
+        f = img.file
+        tally = tally_references(img)
+        if tally.defects:
+            raise ImageError(self.path, f"internal error: {tally.defects[0].message}")
+        per_block = refblock_entries(h.cluster_bits, h.refcount_order)
+        table = f.read(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        counts = tally.counts
+        blocks = -(-len(counts) // per_block)
+        offsets = [int.from_bytes(table[8 * i:8 * i + 8], "big") & REFT_OFFSET_MASK
+                   for i in range(min(blocks, len(table) // 8))]
+        if tally.beyond_eof or len(offsets) < blocks or not all(offsets):
+            # outgrew the first refcount block: let the repair code lay down new structures
+            res = check_image(img, FIX_ALL)
+            if res.corruptions or res.check_errors:
+                raise ImageError(self.path, "internal error: refcounts could not be written")
+            return
+        for i, off in enumerate(offsets):
+            values = [counts[k] if k < len(counts) else 0
+                      for k in range(i * per_block, (i + 1) * per_block)]
+            f.write(off, encode_refblock(values, h.refcount_order))
+        f.sync()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.image.close()

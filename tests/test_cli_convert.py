@@ -1,0 +1,132 @@
+"""convert: what qemu-img compare calls identical, clean under qemu-img check, sparse."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from cli_fixtures import BUILDERS
+from cli_helpers import qcowfs
+from qemutools import assert_check_clean, create, qemu_img, qemu_io
+
+SOURCES = ["plain", "chain_raw_base", "chain_longer_backing", "snapshots", "compressed_zlib",
+           "compressed_zstd", "extended_l2", "data_file", "v2", "clusters_512",
+           "prealloc_metadata", "raw", "huge_sparse"]
+QCOW2_MODES = [
+    [],
+    ["-c"],
+    ["-c", "-o", "compression_type=zstd"],
+    ["-o", "compat=0.10"],
+    ["-c", "-o", "compat=0.10,cluster_size=4k"],
+    ["-o", "extended_l2=on"],
+    ["-o", "cluster_size=512,refcount_bits=1"],
+    ["-c", "-o", "cluster_size=2M,refcount_bits=64"],
+]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("conv-images")
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        return d, {name: BUILDERS[name](d) for name in SOURCES}
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def images(built, monkeypatch):
+    d, imgs = built
+    monkeypatch.chdir(d)
+    return imgs
+
+
+def identical(a, b) -> bool:
+    return qemu_img("compare", str(a), str(b), check=False).returncode == 0
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_to_raw_identical_and_sparse(images, name, tmp_path):
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    r = qcowfs("convert", "-O", "raw", images[name], ours)
+    assert r.code == 0, r.err
+    qemu_img("convert", "-O", "raw", str(images[name]), str(theirs))
+    assert identical(images[name], ours)
+    assert ours.stat().st_size == theirs.stat().st_size
+    assert ours.stat().st_blocks <= theirs.stat().st_blocks + 8  # as sparse as QEMU's
+
+
+@pytest.mark.parametrize("mode", QCOW2_MODES, ids=lambda m: " ".join(m) or "default")
+@pytest.mark.parametrize("name", [n for n in SOURCES if n != "huge_sparse"])
+def test_to_qcow2_identical_and_clean(images, name, mode, tmp_path):
+    out = tmp_path / "out.qcow2"
+    r = qcowfs("convert", "-O", "qcow2", *mode, images[name], out)
+    assert r.code == 0, r.err
+    assert identical(images[name], out)
+    assert_check_clean(out)
+    info = json.loads(qemu_img("info", "--output=json", str(out)).stdout)
+    if "compression_type=zstd" in " ".join(mode):
+        assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    if "-c" in mode and name in ("plain", "chain_raw_base"):
+        code, report = _check_json(out)
+        assert report.get("compressed-clusters", 0) > 0
+
+
+def _check_json(path):
+    p = qemu_img("check", "--output=json", str(path), check=False)
+    return p.returncode, json.loads(p.stdout)
+
+
+def test_huge_sparse_to_qcow2(images, tmp_path):
+    out = tmp_path / "out.qcow2"
+    assert qcowfs("convert", "-O", "qcow2", "-c", images["huge_sparse"], out).code == 0
+    assert identical(images["huge_sparse"], out)
+    assert_check_clean(out)
+
+
+@pytest.mark.parametrize("extra", [[], ["-c"], ["-o", "compat=0.10"], ["-o", "extended_l2=on"]])
+def test_backing_only_differences(tmp_path, monkeypatch, extra):
+    monkeypatch.chdir(tmp_path)
+    base = create(tmp_path / "base.qcow2", "4M")
+    qemu_io(base, "write -P 1 0 4M")
+    top = create(tmp_path / "top.qcow2", "4M", backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io(top, "write -P 2 64k 64k", "write -z 1M 128k", "write -P 1 2M 64k")
+    full = tmp_path / "full.raw"
+    qemu_img("convert", "-O", "raw", str(top), str(full))
+    other = create(tmp_path / "other.qcow2", "4M")
+    qemu_io(other, "write -P 1 0 3M")  # differs from the guest in many places
+    out = tmp_path / "out.qcow2"
+    r = qcowfs("convert", "-O", "qcow2", *extra, "-B", "other.qcow2", "-F", "qcow2", "-f",
+               "raw", full, out)
+    assert r.code == 0, r.err
+    assert identical(full, out)
+    assert_check_clean(out)
+    info = json.loads(qemu_img("info", "--output=json", str(out)).stdout)
+    assert info["backing-filename"] == "other.qcow2"
+    # only what differs from other.qcow2 is stored: 64k..128k, 1M..1M+128k (zeros), 3M..4M
+    code, report = _check_json(out)
+    stored = report.get("allocated-clusters", 0)
+    if "compat=0.10" not in extra:
+        assert stored <= 1 + 2 + 16
+    layers = {e["depth"] for e in json.loads(qemu_img("map", "--output=json",
+                                                      str(out)).stdout)}
+    assert layers == {0, 1}
+
+
+def test_snapshot_conversion(images, tmp_path):
+    src = images["snapshots"]
+    for snap in ("1", "second", "snapshot.id=1", "snapshot.name=second"):
+        ours, theirs = tmp_path / "o.raw", tmp_path / "t.raw"
+        ident = snap if snap.startswith("snapshot.") else (
+            f"snapshot.id={snap}" if snap.isdigit() else f"snapshot.name={snap}")
+        qemu_img("convert", "-l", ident, "-O", "raw", str(src), str(theirs))
+        r = qcowfs("convert", "-l", snap, "-O", "raw", src, ours)
+        assert r.code == 0, r.err
+        assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_refuses_to_overwrite_source(images):
+    r = qcowfs("convert", "-O", "qcow2", images["plain"], images["plain"])
+    assert r.code == 1 and r.err.startswith("qcowfs: convert: ")
