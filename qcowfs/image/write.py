@@ -38,9 +38,9 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     encode_u64_table,
 )
+from qcowfs.image.check import repair_dirty
 from qcowfs.image.qcow2 import FillFn, Qcow2Image
 from qcowfs.image.refcount import Refcounts
-from qcowfs.image.walk import tally_references
 
 ALL_ZERO_BITS = 0xFFFFFFFF << 32
 ALL_ALLOC_BITS = 0xFFFFFFFF
@@ -97,6 +97,12 @@ class Qcow2Writer:
         self.backing_size = backing_size
         self.zero_detect = zero_detect
         self.lazy = h.lazy_refcounts
+        if h.dirty:
+            # Refcounts may be stale (lazy refcounts and a crash): repair them as QEMU does on a
+            # read/write open, before anything reads them.
+            repair_dirty(image)
+            image.l2_cache.clear()
+            image.active.l1 = image.read_l1(h.l1_table_offset, h.l1_size, "active L1 table")
         self.refs = Refcounts(self.file, h)
         self.l1_dirty: set[int] = set()
         #: (host byte offset, length) whose refcounts drop once the L2/L1 changes are durable
@@ -123,28 +129,6 @@ class Qcow2Writer:
             h.autoclear_features &= hdr.AUTOCLEAR_DATA_FILE_RAW
             self.file.write(hdr.OFF_AUTOCLEAR, hdr.pack_u64(h.autoclear_features))
             self.file.sync()
-        if h.dirty:
-            self._repair_dirty()
-
-    def _repair_dirty(self) -> None:
-        """Recompute every refcount from the metadata (an image left dirty by a crash with lazy
-        refcounts) and write them, then clear the dirty bit."""
-        tally = tally_references(self.img)
-        if tally.defects:
-            raise FormatError(self.path, f"dirty image cannot be repaired automatically "
-                                         f"({tally.defects[0].message}); run "
-                                         f"'qemu-img check -r all'")
-        refs = self.refs
-        bb = refs.block_bits
-        counts = tally.counts
-        for c in list(tally.beyond_eof) + [i for i in range(len(counts)) if counts[i]]:
-            if not refs.block_offset(c >> bb):
-                raise UnsupportedError(self.path, "dirty image needs its refcount structure "
-                                                  "rebuilt; run 'qemu-img check -r all'")
-        refs.set_all(tally.expected, len(counts))
-        refs.write_blocks()
-        self.file.sync()
-        self._set_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
 
     def _set_incompat(self, value: int) -> None:
         self.header.incompatible_features = value
