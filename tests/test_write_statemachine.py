@@ -251,6 +251,8 @@ class WriteMachine(RuleBasedStateMachine):
 def test_state_machine(cfg):
     machine = type(f"WriteMachine_{cfg.name}", (WriteMachine,), {"cfg": cfg})
     runner = machine.TestCase
-    runner.settings = settings(max_examples=10, stateful_step_count=25, deadline=None,
+    # QCOWFS_SM_EXAMPLES raises the example count for a longer soak.
+    examples = int(os.environ.get("QCOWFS_SM_EXAMPLES", "10"))
+    runner.settings = settings(max_examples=examples, stateful_step_count=25, deadline=None,
                                suppress_health_check=list(HealthCheck))
     runner().runTest()
