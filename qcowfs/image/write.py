@@ -116,7 +116,7 @@ class Qcow2Writer:
         self.closed = False
         self.refs.on_metadata = self.metadata_changed
         self.refs.on_freed = self._cluster_freed
-        image.l2_cache._write_back = self._write_l2
+        image.l2_cache.set_write_back(self._write_l2)
         self.rebuild_metadata_set()
         self._open_fixups()
 
