@@ -241,6 +241,11 @@ class WriteMachine(RuleBasedStateMachine):
                 fitted += bytes(size - len(fitted))
                 snap = self.dir / "snap.raw"
                 assert to_raw(self.top, snap, snapshot=sid) == fitted, f"snapshot {sid} differs"
+            if self.cfg.data_file:
+                data_file = self.dir / "top.data"
+                assert data_file.stat().st_size == len(self.model), "data file size"
+                if self.cfg.data_file == "raw":
+                    assert data_file.read_bytes() == self.model, "raw data file content"
             for p, digest in self.backing_sums.items():
                 assert _sha(p) == digest, f"backing file {p.name} changed"
         finally:
