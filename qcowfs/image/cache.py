@@ -39,6 +39,10 @@ class TableCache(Generic[T]):
         if dirty:
             self.dirty.add(offset)
 
+    def set_write_back(self, write_back: Callable[[int, T], None] | None) -> None:
+        """Install the function that writes a dirty entry (the writer attaches itself)."""
+        self._write_back = write_back
+
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
 

@@ -71,6 +71,8 @@ def resize(w: Qcow2Writer, new_size: int, *, shrink: bool = False) -> None:
                                            " in a version 2 image")
         if need > len(img.active.l1):
             grow_l1(w, need)
+        if w.has_data_file:
+            w.data_file.truncate(new_size)  # as QEMU: the data file follows the disk size
         if zero_new:
             img.active.size = new_size
             try:
@@ -85,6 +87,9 @@ def resize(w: Qcow2Writer, new_size: int, *, shrink: bool = False) -> None:
     w.flush()
     set_size(w, new_size)
     w.full_flush()
+    if w.has_data_file:
+        w.data_file.truncate(new_size)
+        w.data_file.sync()
 
 
 def _discard_from(w: Qcow2Writer, new_size: int) -> None:

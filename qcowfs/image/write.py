@@ -38,9 +38,9 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     encode_u64_table,
 )
+from qcowfs.image.check import repair_dirty
 from qcowfs.image.qcow2 import FillFn, Qcow2Image
 from qcowfs.image.refcount import Refcounts
-from qcowfs.image.walk import tally_references
 
 ALL_ZERO_BITS = 0xFFFFFFFF << 32
 ALL_ALLOC_BITS = 0xFFFFFFFF
@@ -97,6 +97,12 @@ class Qcow2Writer:
         self.backing_size = backing_size
         self.zero_detect = zero_detect
         self.lazy = h.lazy_refcounts
+        if h.dirty:
+            # Refcounts may be stale (lazy refcounts and a crash): repair them as QEMU does on a
+            # read/write open, before anything reads them.
+            repair_dirty(image)
+            image.l2_cache.clear()
+            image.active.l1 = image.read_l1(h.l1_table_offset, h.l1_size, "active L1 table")
         self.refs = Refcounts(self.file, h)
         self.l1_dirty: set[int] = set()
         #: (host byte offset, length) whose refcounts drop once the L2/L1 changes are durable
@@ -110,7 +116,7 @@ class Qcow2Writer:
         self.closed = False
         self.refs.on_metadata = self.metadata_changed
         self.refs.on_freed = self._cluster_freed
-        image.l2_cache._write_back = self._write_l2
+        image.l2_cache.set_write_back(self._write_l2)
         self.rebuild_metadata_set()
         self._open_fixups()
 
@@ -123,28 +129,6 @@ class Qcow2Writer:
             h.autoclear_features &= hdr.AUTOCLEAR_DATA_FILE_RAW
             self.file.write(hdr.OFF_AUTOCLEAR, hdr.pack_u64(h.autoclear_features))
             self.file.sync()
-        if h.dirty:
-            self._repair_dirty()
-
-    def _repair_dirty(self) -> None:
-        """Recompute every refcount from the metadata (an image left dirty by a crash with lazy
-        refcounts) and write them, then clear the dirty bit."""
-        tally = tally_references(self.img)
-        if tally.defects:
-            raise FormatError(self.path, f"dirty image cannot be repaired automatically "
-                                         f"({tally.defects[0].message}); run "
-                                         f"'qemu-img check -r all'")
-        refs = self.refs
-        bb = refs.block_bits
-        counts = tally.counts
-        for c in list(tally.beyond_eof) + [i for i in range(len(counts)) if counts[i]]:
-            if not refs.block_offset(c >> bb):
-                raise UnsupportedError(self.path, "dirty image needs its refcount structure "
-                                                  "rebuilt; run 'qemu-img check -r all'")
-        refs.set_all(tally.expected, len(counts))
-        refs.write_blocks()
-        self.file.sync()
-        self._set_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
 
     def _set_incompat(self, value: int) -> None:
         self.header.incompatible_features = value
@@ -357,7 +341,33 @@ class Qcow2Writer:
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
         zero = self.zero_detect and not self.raw_data_file and is_zero(view)
+        if not zero and self._write_in_place(offset, view):
+            return
         self._write(offset, view, zero)
+
+    def _write_in_place(self, offset: int, view: memoryview) -> bool:
+        """The common case in one step: the range lies in one cluster the active disk owns
+        alone (standard L2, no data file). False when the general path must handle it."""
+        n = len(view)
+        cb = self.cb
+        if (self.extended or self.has_data_file or self.broken or self.closed or not n
+                or offset < 0 or offset + n > self.img.active.size
+                or offset >> cb != (offset + n - 1) >> cb):
+            return False
+        img = self.img
+        l1i = offset >> (cb + self.l2_bits)
+        l1e = img.active.l1[l1i]
+        if not l1e & COPIED:
+            return False
+        entry = img.l2_cache.get(l1e & L1E_OFFSET_MASK)[(offset >> cb) & (img.l2_entries - 1)]
+        if not entry & COPIED or entry & (ZERO_FLAG | COMPRESSED):
+            return False
+        host = entry & L2E_OFFSET_MASK
+        if not host or host >> cb in self._meta:
+            return False  # the general path reports the overlap
+        self.file.write(host + (offset & (self.cs - 1)), view)
+        self._image_unsynced = True
+        return True
 
     def _write(self, offset: int, view: memoryview, zero: bool) -> None:
         self.check_usable()
