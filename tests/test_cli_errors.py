@@ -200,3 +200,16 @@ def test_progress_bar_only_when_asked(tmp_path):
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
     shown = qcowfs_subprocess("convert", "-p", str(img), str(tmp_path / "b.raw"), timeout=60)
     assert shown.returncode == 0 and "convert" in shown.stderr
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    """`qcowfs info IMAGE | head -1`: no error line when the reader goes away."""
+    import subprocess
+    import sys
+
+    from qemutools import create
+
+    img = create(tmp_path / "img.qcow2", "1M")
+    p = subprocess.run(f"{sys.executable} -m qcowfs info --backing-chain {img} | head -c 1",
+                       shell=True, capture_output=True, timeout=60)
+    assert p.stdout == b"i" and p.stderr == b""
