@@ -7,12 +7,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gcc \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gcc systemd \
+                qemu-system-x86 busybox-static \
                 python3-dev python3-venv
 BENCH_APT_PACKAGES := fio qemu-system-common
 PYTEST_ARGS ?=
 
-.PHONY: all test lint system-deps bench-deps venv demo bench clean
+.PHONY: all test lint system-deps bench-deps venv demo bench clean install-helper
 
 all: test
 
@@ -43,6 +44,10 @@ demo: system-deps venv
 
 bench: system-deps bench-deps venv
 	$(VPY) bench/bench_fuse.py
+
+# mount(8) finds helpers only in /sbin: `mount -t fuse.qcowfs` and fstab lines need this link.
+install-helper: venv
+	ln -sfn $(abspath $(VENV))/bin/mount.fuse.qcowfs /usr/sbin/mount.fuse.qcowfs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
