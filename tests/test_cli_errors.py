@@ -156,13 +156,16 @@ def held_by_qemu(tmp_path):
     proc = subprocess.Popen(["qemu-io", "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        # wait until the lock is visible, polling with a deadline
-        deadline = time.monotonic() + 20
+        # wait until qemu-io holds its lock bytes, polling /proc/locks with a deadline
+        ino = os.stat(img).st_ino
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            probe = subprocess.run(["qemu-img", "info", str(img)], capture_output=True)
-            if probe.returncode != 0:
-                break
-            time.sleep(0.05)
+            if proc.poll() is not None:
+                pytest.fail(f"qemu-io exited: {proc.stdout.read().decode(errors='replace')}")
+            with open("/proc/locks") as f:
+                if any(f":{ino} " in line and "OFDLCK" in line for line in f):
+                    break
+            time.sleep(0.02)
         else:
             pytest.fail("qemu-io never took its lock")
         yield img
