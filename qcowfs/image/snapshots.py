@@ -1,6 +1,7 @@
 """Internal snapshots: create, delete and apply (revert), in QEMU's order.
 
-Each operation first makes the disk match memory (a full flush), then:
+Each operation holds the dirty bit (v3) while it runs -- see ``Qcow2Writer.dirty_during`` --
+first makes the disk match memory (a full flush), then:
 
 - create: copy the active L1 to new clusters, +1 on every refcount of its tree (clearing COPIED
   in the active tables), make all that durable, write the whole snapshot table at a new place,
@@ -147,32 +148,32 @@ def create(w: Qcow2Writer, name: str) -> SnapshotEntry:
         raise ImageError(w.path, "a snapshot needs a name")
     if any(s.name == name for s in img.snapshots):
         raise ImageError(w.path, f"a snapshot named {name!r} already exists")
-    w.mark_dirty()
-    w.full_flush()
-    l1 = array("Q", img.active.l1)
-    counts = tree_references(w, l1)
-    for c, n in counts.items():
-        if w.refs.get(c) + n > w.refs.max:
-            raise ImageError(w.path, f"refcount of host cluster {c} would overflow "
-                                     f"({w.header.refcount_bits}-bit refcounts)")
-    l1_off = 0
-    if len(l1):
-        clusters = -(-len(l1) * 8 // w.cs)
-        l1_off = w.refs.allocate(clusters) << w.cb
-        w.check_overlap(l1_off, len(l1) * 8, "snapshot L1 table")
-        w.file.write(l1_off, encode_u64_table(l1))
-        w.note_metadata_write()
-        w.metadata_changed(l1_off >> w.cb, clusters)
-    for c, n in sorted(counts.items()):
-        w.refs.add(c, n)
-    recompute_copied(w)
-    now = time.time_ns()
-    entry = SnapshotEntry(id=_new_id(img.snapshots), name=name, l1_table_offset=l1_off,
-                          l1_size=len(l1), date_sec=now // 10**9, date_nsec=now % 10**9,
-                          vm_clock_nsec=0, vm_state_size=0, disk_size=img.active.size, icount=0,
-                          extra_data_size=24)
-    write_table(w, img.snapshots + [entry])
-    w.full_flush()
+    with w.dirty_during():
+        w.full_flush()
+        l1 = array("Q", img.active.l1)
+        counts = tree_references(w, l1)
+        for c, n in counts.items():
+            if w.refs.get(c) + n > w.refs.max:
+                raise ImageError(w.path, f"refcount of host cluster {c} would overflow "
+                                         f"({w.header.refcount_bits}-bit refcounts)")
+        l1_off = 0
+        if len(l1):
+            clusters = -(-len(l1) * 8 // w.cs)
+            l1_off = w.refs.allocate(clusters) << w.cb
+            w.check_overlap(l1_off, len(l1) * 8, "snapshot L1 table")
+            w.file.write(l1_off, encode_u64_table(l1))
+            w.note_metadata_write()
+            w.metadata_changed(l1_off >> w.cb, clusters)
+        for c, n in sorted(counts.items()):
+            w.refs.add(c, n)
+        recompute_copied(w)
+        now = time.time_ns()
+        entry = SnapshotEntry(id=_new_id(img.snapshots), name=name, l1_table_offset=l1_off,
+                              l1_size=len(l1), date_sec=now // 10**9, date_nsec=now % 10**9,
+                              vm_clock_nsec=0, vm_state_size=0, disk_size=img.active.size,
+                              icount=0, extra_data_size=24)
+        write_table(w, img.snapshots + [entry])
+        w.full_flush()
     return entry
 
 
@@ -181,17 +182,17 @@ def delete(w: Qcow2Writer, id_or_name: str) -> None:
     w.check_usable()
     entry = img.find_snapshot(id_or_name)
     mapping = img.snapshot_mapping(entry)
-    w.mark_dirty()
-    w.full_flush()
-    write_table(w, [s for s in img.snapshots if s is not entry])
-    add_tree(w, mapping.l1, -1)
-    if entry.l1_size:
-        first = entry.l1_table_offset >> w.cb
-        count = ((entry.l1_table_offset + entry.l1_size * 8 - 1) >> w.cb) - first + 1
-        w.metadata_changed(first, -count)
-        w.refs.add_range(first, count, -1)
-    recompute_copied(w)
-    w.full_flush()
+    with w.dirty_during():
+        w.full_flush()
+        write_table(w, [s for s in img.snapshots if s is not entry])
+        add_tree(w, mapping.l1, -1)
+        if entry.l1_size:
+            first = entry.l1_table_offset >> w.cb
+            count = ((entry.l1_table_offset + entry.l1_size * 8 - 1) >> w.cb) - first + 1
+            w.metadata_changed(first, -count)
+            w.refs.add_range(first, count, -1)
+        recompute_copied(w)
+        w.full_flush()
 
 
 def apply(w: Qcow2Writer, id_or_name: str) -> None:
@@ -201,27 +202,27 @@ def apply(w: Qcow2Writer, id_or_name: str) -> None:
     w.check_usable()
     entry = img.find_snapshot(id_or_name)
     mapping = img.snapshot_mapping(entry)
-    w.mark_dirty()
-    w.full_flush()
-    if len(mapping.l1) > len(img.active.l1):
-        grow_l1(w, len(mapping.l1))
-    add_tree(w, mapping.l1, +1)
-    w.full_flush()
-    old = array("Q", img.active.l1)
-    new = array("Q", bytes(8 * len(old)))
-    for i, e in enumerate(mapping.l1):
-        new[i] = e & ~COPIED
-    if len(new):
-        w.file.write(w.header.l1_table_offset, encode_u64_table(new))
-        w.file.sync()
-    img.active.l1[:] = new
-    w.l1_dirty.clear()
-    w.rebuild_metadata_set()
-    if mapping.size != img.active.size:
-        set_size(w, mapping.size)
-    add_tree(w, old, -1)
-    recompute_copied(w)
-    w.full_flush()
+    with w.dirty_during():
+        w.full_flush()
+        if len(mapping.l1) > len(img.active.l1):
+            grow_l1(w, len(mapping.l1))
+        add_tree(w, mapping.l1, +1)
+        w.full_flush()
+        old = array("Q", img.active.l1)
+        new = array("Q", bytes(8 * len(old)))
+        for i, e in enumerate(mapping.l1):
+            new[i] = e & ~COPIED
+        if len(new):
+            w.file.write(w.header.l1_table_offset, encode_u64_table(new))
+            w.file.sync()
+        img.active.l1[:] = new
+        w.l1_dirty.clear()
+        w.rebuild_metadata_set()
+        if mapping.size != img.active.size:
+            set_size(w, mapping.size)
+        add_tree(w, old, -1)
+        recompute_copied(w)
+        w.full_flush()
 
 
 __all__ = ["create", "delete", "apply", "add_tree", "recompute_copied", "tree_references"]

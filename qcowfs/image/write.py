@@ -20,6 +20,8 @@ from __future__ import annotations
 import errno
 from array import array
 from bisect import bisect_left
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from qcowfs.errors import (
     CorruptionError,
@@ -139,6 +141,24 @@ class Qcow2Writer:
         """With lazy refcounts: the dirty bit is durable before any metadata changes."""
         if self.lazy and not self.header.dirty:
             self._set_incompat(self.header.incompatible_features | hdr.INCOMPAT_DIRTY)
+
+    @contextmanager
+    def dirty_during(self) -> Iterator[None]:
+        """Hold the dirty bit (durably) around an operation whose refcount and COPIED changes
+        cannot reach the disk in one write (snapshot create, delete, apply).
+
+        qcow2 has no atomic way to change both: a crash between them leaves COPIED flags that
+        disagree with refcounts, which QEMU's check calls corruption. With the dirty bit set
+        the image says its refcounts may be off, and its next read/write open -- by QEMU or by
+        qcowfs -- repairs it. v2 images have no dirty bit and keep QEMU's window.
+        """
+        set_here = self.header.version >= 3 and not self.header.dirty
+        if set_here:
+            self._set_incompat(self.header.incompatible_features | hdr.INCOMPAT_DIRTY)
+        yield
+        if set_here and not self.lazy:
+            self.full_flush()
+            self._set_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
 
     # --- metadata overlap -----------------------------------------------------------------
 
