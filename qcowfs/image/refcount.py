@@ -212,7 +212,7 @@ class Refcounts:
         bb = self.block_bits
         per_cluster = cs // 8
         entries = max(min_entries, len(self.table) * 3 // 2 + 1)
-        first = max(-(-self.file.size // cs), self._end_of_blocks())
+        first = max(-(-self.file.size // cs), self.end_of_used())
         n_blocks = 0
         while True:
             table_clusters = -(-entries // per_cluster)
@@ -268,7 +268,7 @@ class Refcounts:
         self.on_metadata(old_offset >> self.cluster_bits, -old_clusters)
         self.add_range(old_offset >> self.cluster_bits, old_clusters, -1)
 
-    def _end_of_blocks(self) -> int:
+    def end_of_used(self) -> int:
         """One past the last cluster any refcount block counts as used."""
         bb = self.block_bits
         for index in range(len(self.table) - 1, -1, -1):

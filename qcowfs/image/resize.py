@@ -87,9 +87,21 @@ def resize(w: Qcow2Writer, new_size: int, *, shrink: bool = False) -> None:
     w.flush()
     set_size(w, new_size)
     w.full_flush()
+    _truncate_free_tail(w)
     if w.has_data_file:
         w.data_file.truncate(new_size)
         w.data_file.sync()
+
+
+def _truncate_free_tail(w: Qcow2Writer) -> None:
+    """Cut the image file after its last used cluster, as QEMU does after a shrink. Called
+    with everything durable: a cluster past the last nonzero refcount is referenced by nothing
+    (refcount blocks count themselves)."""
+    end = w.refs.end_of_used() << w.cb
+    if end < w.file.size:
+        w.file.truncate(end)
+        w.file.sync()
+        w.refs.free_hint = min(w.refs.free_hint, end >> w.cb)
 
 
 def _discard_from(w: Qcow2Writer, new_size: int) -> None:
