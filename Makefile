@@ -2,6 +2,7 @@
 #   make test   install what is missing (apt + .venv), lint, check layering, run the suite
 #   make demo   mount a sample chain, show it off, unmount
 #   make bench  fio through qcowfs beside qemu-storage-daemon (see docs/performance.md)
+#   make bench-engine  the library's reads and writes against os.pread/os.pwrite
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,7 +14,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gc
 BENCH_APT_PACKAGES := fio qemu-system-common
 PYTEST_ARGS ?=
 
-.PHONY: all test lint system-deps bench-deps venv demo bench clean install-helper
+.PHONY: all test lint system-deps bench-deps venv demo bench bench-engine clean install-helper
 
 all: test
 
@@ -44,6 +45,10 @@ demo: system-deps venv
 
 bench: system-deps bench-deps venv
 	$(VPY) bench/bench_fuse.py
+
+bench-engine: system-deps venv
+	$(VPY) bench/bench_read.py
+	$(VPY) bench/bench_write.py
 
 # mount(8) finds helpers only in /sbin: `mount -t fuse.qcowfs` and fstab lines need this link.
 install-helper: venv

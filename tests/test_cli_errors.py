@@ -156,13 +156,16 @@ def held_by_qemu(tmp_path):
     proc = subprocess.Popen(["qemu-io", "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        # wait until the lock is visible, polling with a deadline
-        deadline = time.monotonic() + 20
+        # wait until qemu-io holds its lock bytes, polling /proc/locks with a deadline
+        ino = os.stat(img).st_ino
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            probe = subprocess.run(["qemu-img", "info", str(img)], capture_output=True)
-            if probe.returncode != 0:
-                break
-            time.sleep(0.05)
+            if proc.poll() is not None:
+                pytest.fail(f"qemu-io exited: {proc.stdout.read().decode(errors='replace')}")
+            with open("/proc/locks") as f:
+                if any(f":{ino} " in line and "OFDLCK" in line for line in f):
+                    break
+            time.sleep(0.02)
         else:
             pytest.fail("qemu-io never took its lock")
         yield img
@@ -200,3 +203,16 @@ def test_progress_bar_only_when_asked(tmp_path):
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
     shown = qcowfs_subprocess("convert", "-p", str(img), str(tmp_path / "b.raw"), timeout=60)
     assert shown.returncode == 0 and "convert" in shown.stderr
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    """`qcowfs info IMAGE | head -1`: no error line when the reader goes away."""
+    import subprocess
+    import sys
+
+    from qemutools import create
+
+    img = create(tmp_path / "img.qcow2", "1M")
+    p = subprocess.run(f"{sys.executable} -m qcowfs info --backing-chain {img} | head -c 1",
+                       shell=True, capture_output=True, timeout=60)
+    assert p.stdout == b"i" and p.stderr == b""

@@ -17,7 +17,6 @@ import sys
 
 import pytest
 from mounttools import (
-    engine_writes,
     force_unmount,
     fs_mounted,
     is_mounted,
@@ -40,9 +39,7 @@ from qemutools import (
 )
 from test_mount_loop import assert_same_tree, make_tree
 
-_NO_WRITES = engine_writes()
-pytestmark = [needs_fuse, pytest.mark.fuse,
-              pytest.mark.skipif(_NO_WRITES is not None, reason=_NO_WRITES or "")]
+pytestmark = [needs_fuse, pytest.mark.fuse]
 
 MiB = 1 << 20
 

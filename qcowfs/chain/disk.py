@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
 from qcowfs.format.snapshot import SnapshotEntry
-from qcowfs.image import locking
 from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, FillFn, Mapping, Qcow2Image, zero_fill
 from qcowfs.image.raw import RawImage
 from qcowfs.image.write import Qcow2Writer
 
+from .locks import lock_chain
 from .resolve import Layer, open_chain
 
 
@@ -275,15 +275,6 @@ class Disk(_View):
                 layer.close()
 
 
-def _lock_chain(layers: list[Layer], writable: bool) -> None:
-    """QEMU's lock bytes: a writer's on the writable top, a reader's on everything else."""
-    for i, layer in enumerate(layers):
-        mode = locking.LockMode.WRITE if writable and i == 0 else locking.LockMode.READ
-        locking.acquire(layer.file.fd, layer.path, mode)
-        if isinstance(layer, Qcow2Image) and layer.data_file is not layer.file:
-            locking.acquire(layer.data_file.fd, layer.data_file.path, mode)
-
-
 def open_image(path: str, writable: bool = False, *, format: str | None = None,
                l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, zero_detect: bool = True) -> Disk:
     """Open ``path`` and its whole backing chain as one guest disk.
@@ -295,7 +286,7 @@ def open_image(path: str, writable: bool = False, *, format: str | None = None,
     """
     layers = open_chain(path, fmt=format, writable=writable, l2_cache_bytes=l2_cache_bytes)
     try:
-        _lock_chain(layers, writable)
+        lock_chain(layers, write_top=writable)
         return Disk(layers, writable, zero_detect=zero_detect)
     except BaseException:
         for layer in layers:

@@ -308,18 +308,3 @@ class Refcounts:
             if off:
                 out.append((off >> self.cluster_bits, 1))
         return out
-
-    def set_all(self, counts: Callable[[int], int], clusters: int) -> None:
-        """Overwrite every refcount of clusters [0, clusters) and of every covered range (the
-        repair of a dirty image); the ranges with a block must cover every nonzero count."""
-        bb = self.block_bits
-        for index in range(len(self.table)):
-            off = self.block_offset(index)
-            if not off:
-                continue
-            block = self.cache.get(off)
-            base = index << bb
-            for i in range(len(block)):
-                block[i] = min(counts(base + i), self.max)
-            self.cache.mark_dirty(off)
-        self.free_hint = 0

@@ -17,7 +17,7 @@ import time
 from array import array
 from collections import Counter
 
-from qcowfs.errors import FormatError, ImageError, UnsupportedError
+from qcowfs.errors import ImageError, UnsupportedError
 from qcowfs.format import header as hdr
 from qcowfs.format.snapshot import MAX_SNAPSHOTS, SnapshotEntry, serialize_snapshot_table
 from qcowfs.format.tables import (
@@ -224,4 +224,4 @@ def apply(w: Qcow2Writer, id_or_name: str) -> None:
     w.full_flush()
 
 
-__all__ = ["create", "delete", "apply", "FormatError"]
+__all__ = ["create", "delete", "apply", "add_tree", "recompute_copied", "tree_references"]
