@@ -2,9 +2,11 @@
 
 Every range that the image (or an image between it and the base) allocates is copied, as the
 guest sees it, into the base, which grows first when it is smaller. The base is flushed before
-anything else happens, so the data is durable there before the top is emptied. Emptying makes a
-fresh top (same options, same backing file) in a temporary file next to it and renames it over
-the old one: at any moment the file is either the old top or the empty one.
+anything else happens, so the data is durable there before the top is emptied. Emptying works
+as QEMU's: a plain v3 top is replaced by a fresh one (same options, same backing file) made in a
+temporary file next to it and renamed over it, so at any moment the file is either the old top
+or the empty one; any other top (internal snapshots, bitmaps, an external data file, v2) has
+every cluster of its active disk discarded by the writer, so its snapshots keep their data.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from collections.abc import Callable
 
 from qcowfs.errors import ImageError, UnsupportedError
+from qcowfs.format import header as hdr
 from qcowfs.image import locking
 from qcowfs.image.create import QcowOptions, create_qcow2
 from qcowfs.image.qcow2 import Qcow2Image
@@ -83,19 +86,61 @@ def _base_depth(layers, base: str) -> int:
 def _check_can_empty(top) -> None:
     if not isinstance(top, Qcow2Image):
         raise UnsupportedError(top.path, "only a qcow2 image can be emptied after a commit")
-    h = top.header
-    if top.snapshots or h.has_data_file or h.bitmaps or h.crypt_method:
-        raise UnsupportedError(top.path, "this image (internal snapshots, bitmaps or an "
-                                         "external data file) cannot be emptied after the "
+    if top.header.crypt_method:
+        raise UnsupportedError(top.path, "an encrypted image cannot be emptied after the "
                                          "commit; use -d to keep its data")
 
 
+def _rewrite_possible(img: Qcow2Image) -> bool:
+    """QEMU's fast path: only a v3 image with nothing but the active disk is rewritten."""
+    h = img.header
+    return h.version >= 3 and not (img.snapshots or h.has_data_file or h.bitmaps)
+
+
 def make_empty(path: str) -> None:
-    """Replace ``path`` by an empty image with the same options and backing file."""
+    """Empty the active disk of ``path``: every range reads its backing file again."""
     img = Qcow2Image.open(path, open_data_file=False)
     try:
         locking.acquire(img.file.fd, path, locking.LockMode.READ)
         _check_can_empty(img)
+        rewrite = _rewrite_possible(img)
+    finally:
+        img.close()
+    if rewrite:
+        _rewrite_empty(path)
+    else:
+        discard_all(path)
+
+
+def discard_all(path: str) -> None:
+    """Discard every cluster of the active disk of ``path`` (its snapshots keep theirs).
+
+    The guest view does not change (after a commit the backing file holds the same data), so
+    persistent bitmaps stay valid: the bitmaps autoclear bit, which the writer clears when it
+    opens the image, is set again once the discard is durable. A crash before that leaves the
+    bitmaps marked inconsistent, never wrong."""
+    probe = Qcow2Image.open(path, open_data_file=False)
+    autoclear = probe.header.autoclear_features
+    probe.close()
+    disk = open_image(path, writable=True, format="qcow2")
+    try:
+        disk.discard(0, disk.size)
+        disk.flush()
+        w = disk.writer
+        assert w is not None
+        if autoclear & hdr.AUTOCLEAR_BITMAPS and w.header.bitmaps:
+            w.header.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
+            w.file.write(hdr.OFF_AUTOCLEAR, hdr.pack_u64(w.header.autoclear_features))
+            w.file.sync()
+    finally:
+        disk.close()
+
+
+def _rewrite_empty(path: str) -> None:
+    """Replace ``path`` by an empty image with the same options and backing file."""
+    img = Qcow2Image.open(path, open_data_file=False)
+    try:
+        locking.acquire(img.file.fd, path, locking.LockMode.READ)
         h = img.header
         backing_format = h.backing_format
         if h.backing_file and not backing_format:

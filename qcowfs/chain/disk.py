@@ -220,6 +220,14 @@ class Disk(_View):
         else:
             self.top.flush()
 
+    def discard(self, offset: int, length: int) -> None:
+        """Unallocate the whole clusters of ``[offset, offset + length)`` in the top image:
+        the guest reads the backing chain there again (zeros without one); internal
+        snapshots keep their data. Partial clusters are left as they are (a partial cluster
+        at the end of the disk counts as whole). Durable at the next ``flush()``."""
+        from qcowfs.image import discard
+        discard.discard(self._qcow2_writer("discard"), offset, length)
+
     def _qcow2_writer(self, what: str) -> Qcow2Writer:
         self._require_writable()
         if self.writer is None:

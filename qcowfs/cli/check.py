@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from qcowfs.chain.locks import lock_chain
-from qcowfs.chain.resolve import open_layer, probe_format
+from qcowfs.chain.resolve import probe_format
 from qcowfs.image.check import FIX_ALL, FIX_LEAKS, CheckResult, check_image
 from qcowfs.image.qcow2 import Qcow2Image
 
@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace, fix: int) -> tuple[CheckResult, CheckResult | None]:
-    layer = open_layer(args.file, "qcow2", writable=bool(fix), open_data_file=False)
+    layer = Qcow2Image.open(args.file, writable=bool(fix), open_data_file=False,
+                            scan_snapshots=True)
     try:
-        assert isinstance(layer, Qcow2Image)
         if not args.force_share:
             lock_chain([layer], write_top=bool(fix))
         res = check_image(layer, fix)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from qcowfs.errors import FormatError
 
@@ -76,6 +77,75 @@ def parse_snapshot_table(buf: bytes, count: int) -> tuple[list[SnapshotEntry], i
         if pos > MAX_TABLE_BYTES:
             raise FormatError(None, "snapshot table larger than 64 MiB")
     return entries, min(pos, len(buf))
+
+
+@dataclass
+class SnapshotScan:
+    """A snapshot table read as ``check -r all`` reads it (facts §2.3 step 1): what could be
+    kept, and what had to go.
+
+    ``entries`` are the entries kept, over-long extra data cut to 1024 bytes;
+    ``disk_bytes`` is how many bytes of the file those entries span as they are on disk (the
+    walk counts the table's clusters from it); ``too_many`` entries past QEMU's 65536 and
+    ``overhanging`` entries past its 64 MiB table size were dropped; ``long_extra`` lists
+    (index, recorded size) of the entries whose extra data was cut."""
+
+    entries: list[SnapshotEntry]
+    disk_bytes: int
+    too_many: int = 0
+    overhanging: int = 0
+    long_extra: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return self.too_many + self.overhanging
+
+
+def scan_snapshot_table(read: Callable[[int, int], bytes], count: int) -> SnapshotScan:
+    """Read ``count`` entries through ``read(pos, n)`` (``pos`` relative to the table's start;
+    it returns fewer bytes only at the end of the file), tolerating what the repair fixes:
+    more than 65536 entries, extra data over 1024 bytes, a table over 64 MiB. The rest of an
+    over-long extra data is never read. Raises FormatError for what cannot be read at all."""
+    too_many = max(0, count - MAX_SNAPSHOTS)
+    count -= too_many
+    entries: list[SnapshotEntry] = []
+    long_extra: list[tuple[int, int]] = []
+    pos = 0  # where the next entry starts on disk
+    length = 0  # the table's length with over-long extra data cut
+    for i in range(count):
+        head = read(pos, _ENTRY.size)
+        if len(head) < _ENTRY.size:
+            raise FormatError(None, f"snapshot table entry {i} runs past the end of the file")
+        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
+         extra_size) = _ENTRY.unpack(head)
+        kept = min(extra_size, MAX_EXTRA_DATA)
+        extra = read(pos + _ENTRY.size, kept)
+        names_at = pos + _ENTRY.size + extra_size
+        names = read(names_at, id_len + name_len)
+        if len(extra) < kept or len(names) < id_len + name_len:
+            raise FormatError(None, f"snapshot table entry {i} runs past the end of the file")
+        if extra_size > MAX_EXTRA_DATA:
+            long_extra.append((i, extra_size))
+        length = (length + _ENTRY.size + kept + id_len + name_len + 7) & ~7
+        if length > MAX_TABLE_BYTES:
+            return SnapshotScan(entries, pos, too_many, count - i, long_extra)
+        pos = (names_at + id_len + name_len + 7) & ~7
+        entries.append(_entry(l1_off, l1_size, date_sec, date_nsec, vm_clock, vm_state32,
+                              extra, names[:id_len], names[id_len:], i))
+    return SnapshotScan(entries, pos, too_many, 0, long_extra)
+
+
+def _entry(l1_off: int, l1_size: int, date_sec: int, date_nsec: int, vm_clock: int,
+           vm_state32: int, extra: bytes, ident: bytes, name: bytes, i: int) -> SnapshotEntry:
+    size = len(extra)
+    vm_large, disk_size, icount = _EXTRA.unpack_from(extra.ljust(_EXTRA.size, b"\0"), 0)
+    return SnapshotEntry(
+        id=_text(ident, i, "id"), name=_text(name, i, "name"), l1_table_offset=l1_off,
+        l1_size=l1_size, date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock,
+        vm_state_size=vm_large if size >= 8 else vm_state32,
+        disk_size=disk_size if size >= 16 else None,
+        icount=icount if size >= 24 and icount != NO_ICOUNT else None,
+        extra_data_size=size, unknown_extra=extra[_EXTRA.size:])
 
 
 def _text(raw: bytes, index: int, what: str) -> str:

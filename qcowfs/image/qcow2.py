@@ -26,7 +26,9 @@ from qcowfs.format.snapshot import (
     MAX_SNAPSHOTS,
     MAX_TABLE_BYTES,
     SnapshotEntry,
+    SnapshotScan,
     parse_snapshot_table,
+    scan_snapshot_table,
 )
 from qcowfs.format.tables import (
     COMPRESSED,
@@ -333,6 +335,8 @@ class Qcow2Image:
         self._compressed_cache: OrderedDict[int, bytes] = OrderedDict()
         self.snapshots: list[SnapshotEntry] = []
         self.snapshot_table_bytes = 0
+        #: set by ``open(scan_snapshots=True)``: what the snapshot table scan found
+        self.snapshot_scan: SnapshotScan | None = None
         self.active: Mapping = Mapping(self, array("Q"), header.size, "active")
         self.writable = file.writable
 
@@ -341,13 +345,18 @@ class Qcow2Image:
     @classmethod
     def open(cls, path: str, *, writable: bool = False,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-             data_file_path: str | None = None, open_data_file: bool = True) -> Qcow2Image:
+             data_file_path: str | None = None, open_data_file: bool = True,
+             scan_snapshots: bool = False) -> Qcow2Image:
         """Open ``path``. ``open_data_file=False`` leaves an external data file closed (for
-        commands that only look at metadata, as qemu-img info does)."""
+        commands that only look at metadata, as qemu-img info does). ``scan_snapshots=True``
+        (for check) reads a snapshot table the repair can fix -- more than 65536 entries,
+        extra data over 1024 bytes, over 64 MiB -- keeping what QEMU's repair keeps and
+        recording the rest in ``snapshot_scan``."""
         file = HostFile(path, writable)
         try:
             header = read_header(file)
             image = cls(path, file, header, l2_cache_bytes=l2_cache_bytes)
+            image.snapshot_scan = SnapshotScan([], 0) if scan_snapshots else None
             image._validate_and_load(data_file_path, open_data_file)
             return image
         except BaseException:
@@ -377,7 +386,7 @@ class Qcow2Image:
             raise FormatError(path, "L1 table is too small")
         if h.l1_size and (h.l1_table_offset % cs or not h.l1_table_offset):
             raise FormatError(path, "invalid L1 table offset")
-        if h.nb_snapshots > MAX_SNAPSHOTS:
+        if h.nb_snapshots > MAX_SNAPSHOTS and self.snapshot_scan is None:
             raise FormatError(path, f"too many snapshots ({h.nb_snapshots})")
         if h.nb_snapshots and (h.snapshots_offset % cs or not h.snapshots_offset):
             raise FormatError(path, "invalid snapshot table offset")
@@ -411,6 +420,9 @@ class Qcow2Image:
             return
         if h.snapshots_offset >= self.file.size:
             raise FormatError(self.path, "snapshot table lies past the end of the file")
+        if self.snapshot_scan is not None:
+            self._scan_snapshot_table()
+            return
         want = min(64 * 1024, MAX_TABLE_BYTES)
         while True:
             avail = min(want, self.file.size - h.snapshots_offset, MAX_TABLE_BYTES)
@@ -424,6 +436,26 @@ class Qcow2Image:
                     want *= 4
                     continue
                 raise FormatError(self.path, exc.reason) from None
+
+    def _scan_snapshot_table(self) -> None:
+        h = self.header
+        window: list = [0, b""]  # (table position, bytes): reads in 1 MiB windows
+
+        def read(pos: int, n: int) -> bytes:
+            start, buf = window
+            if pos < start or pos + n > start + len(buf):
+                if n > 1 << 20:
+                    return self.file.read(h.snapshots_offset + pos, n)
+                window[0], window[1] = pos, self.file.read(h.snapshots_offset + pos, 1 << 20)
+                start, buf = window
+            return buf[pos - start:pos - start + n]
+
+        try:
+            scan = scan_snapshot_table(read, h.nb_snapshots)
+        except FormatError as exc:
+            raise FormatError(self.path, exc.reason) from None
+        self.snapshot_scan = scan
+        self.snapshots, self.snapshot_table_bytes = scan.entries, scan.disk_bytes
 
     # --- tables -----------------------------------------------------------------------------
 
