@@ -51,16 +51,31 @@ def test_lazy_refcounts_set_dirty_bit_while_writing_and_clear_it_on_close(tmp_pa
     assert_check_clean(path)
 
 
-def test_read_write_open_clears_bitmaps_autoclear_bit_and_keeps_the_rest(tmp_path):
+def test_read_write_open_marks_bitmaps_in_use_and_leaks_nothing(tmp_path):
+    """qcowfs keeps no dirty bitmaps: after it writes, QEMU must see every bitmap as
+    inconsistent (in use), and qemu-img check must still find no leaks."""
     path = create(tmp_path / "bm.qcow2", "8M")
     qemu_img("bitmap", "--add", str(path), "b0")
-    assert header_u64(path, 88) & 1
+    qemu_img("bitmap", "--add", str(path), "b1")
     cluster0 = path.read_bytes()[:65536]
     with qcowfs.open_image(str(path), writable=True) as disk:
         disk.write(65536, b"\x07" * 4096)
-    after = path.read_bytes()[:65536]
-    assert header_u64(path, 88) & 1 == 0
-    assert after[:88] + after[96:] == cluster0[:88] + cluster0[96:]
+    bitmaps = info(path)["format-specific"]["data"]["bitmaps"]
+    assert [b["name"] for b in bitmaps] == ["b0", "b1"]
+    assert all("in-use" in b["flags"] for b in bitmaps)
+    assert path.read_bytes()[:65536] == cluster0  # the autoclear bit stays: QEMU keeps them
+    assert_check_clean(path)
+    qemu_img("bitmap", "--remove", str(path), "b0")  # QEMU can still drop them
+    assert_check_clean(path)
+
+
+def test_read_write_open_clears_unknown_autoclear_bits(tmp_path):
+    path = create(tmp_path / "ac.qcow2", "8M")
+    poke(path, 88, struct.pack(">Q", (1 << 7) | 1))  # unknown bit 7 (+ bitmaps bit, no ext)
+    with qcowfs.open_image(str(path), writable=True):
+        pass
+    assert header_u64(path, 88) & (1 << 7) == 0
+    assert_check_clean(path)
 
 
 def test_corrupt_image_is_refused_read_write_but_readable(tmp_path):

@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable
 
 from qcowfs.errors import ImageError, UnsupportedError
-from qcowfs.format import header as hdr
 from qcowfs.image import locking
 from qcowfs.image.create import QcowOptions, create_qcow2
 from qcowfs.image.qcow2 import Qcow2Image
@@ -116,22 +115,15 @@ def discard_all(path: str) -> None:
     """Discard every cluster of the active disk of ``path`` (its snapshots keep theirs).
 
     The guest view does not change (after a commit the backing file holds the same data), so
-    persistent bitmaps stay valid: the bitmaps autoclear bit, which the writer clears when it
-    opens the image, is set again once the discard is durable. A crash before that leaves the
-    bitmaps marked inconsistent, never wrong."""
-    probe = Qcow2Image.open(path, open_data_file=False)
-    autoclear = probe.header.autoclear_features
-    probe.close()
+    persistent bitmaps stay valid: the writer marks them in use when it opens the image, and
+    their flags are put back once the discard is durable. A crash before that leaves them
+    marked inconsistent, never wrong."""
     disk = open_image(path, writable=True, format="qcow2")
     try:
         disk.discard(0, disk.size)
         disk.flush()
-        w = disk.writer
-        assert w is not None
-        if autoclear & hdr.AUTOCLEAR_BITMAPS and w.header.bitmaps:
-            w.header.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
-            w.file.write(hdr.OFF_AUTOCLEAR, hdr.pack_u64(w.header.autoclear_features))
-            w.file.sync()
+        assert disk.writer is not None
+        disk.writer.restore_bitmaps()
     finally:
         disk.close()
 

@@ -60,3 +60,19 @@ def parse_bitmap_directory(buf: bytes, count: int) -> list[BitmapEntry]:
         pos = (end + 7) & ~7
         out.append(BitmapEntry(name, table_off, table_size, flags, btype, gran, extra))
     return out
+
+
+def mark_in_use(buf: bytes, count: int) -> bytes:
+    """The directory ``buf`` with the in-use flag set on each of its ``count`` entries: the
+    state QEMU leaves bitmaps in while it runs, which every reader treats as inconsistent."""
+    out = bytearray(buf)
+    pos = 0
+    for i in range(count):
+        if pos + _ENTRY.size > len(out):
+            raise FormatError(None, f"bitmap directory entry {i} runs past the directory")
+        flags = int.from_bytes(out[pos + 12:pos + 16], "big") | FLAG_IN_USE
+        out[pos + 12:pos + 16] = flags.to_bytes(4, "big")
+        name_size = int.from_bytes(out[pos + 18:pos + 20], "big")
+        extra_size = int.from_bytes(out[pos + 20:pos + 24], "big")
+        pos = (pos + _ENTRY.size + extra_size + name_size + 7) & ~7
+    return bytes(out)

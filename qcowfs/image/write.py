@@ -31,6 +31,7 @@ from qcowfs.errors import (
     UnsupportedError,
 )
 from qcowfs.format import header as hdr
+from qcowfs.format.bitmaps import mark_in_use
 from qcowfs.format.tables import (
     COMPRESSED,
     COPIED,
@@ -120,17 +121,51 @@ class Qcow2Writer:
         self.refs.on_freed = self._cluster_freed
         image.l2_cache.set_write_back(self._write_l2)
         self.rebuild_metadata_set()
+        self.bitmap_directory_at_open: bytes | None = None
         self._open_fixups()
 
     # --- opening --------------------------------------------------------------------------
 
     def _open_fixups(self) -> None:
+        """qcowfs keeps no dirty bitmaps, so before it writes anything QEMU must stop trusting
+        them. With a consistent bitmaps extension, mark every bitmap in use -- what QEMU itself
+        does while it runs: readers then treat them as inconsistent, yet their clusters stay
+        referenced (clearing the autoclear bit instead would make QEMU drop the directory and
+        count every bitmap cluster as leaked). Unknown autoclear bits are cleared."""
         h = self.header
-        if h.version >= 3 and h.autoclear_features & ~hdr.AUTOCLEAR_DATA_FILE_RAW:
-            # qcowfs keeps no dirty bitmaps: QEMU must see them as inconsistent from now on.
-            h.autoclear_features &= hdr.AUTOCLEAR_DATA_FILE_RAW
+        if h.version < 3:
+            return
+        known = hdr.AUTOCLEAR_BITMAPS | hdr.AUTOCLEAR_DATA_FILE_RAW
+        if h.bitmaps and h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            ext = h.bitmaps
+            marked = raw = None
+            placed = (ext.directory_offset >= self.cs and not ext.directory_offset % self.cs
+                      and ext.directory_offset + ext.directory_size <= self.file.size)
+            if placed:
+                raw = self.file.read(ext.directory_offset, ext.directory_size)
+                try:
+                    marked = mark_in_use(raw, ext.nb_bitmaps)
+                except ImageError:
+                    marked = None
+            if marked is None:
+                known &= ~hdr.AUTOCLEAR_BITMAPS  # unreadable: let QEMU drop it
+            elif marked != raw:
+                self.bitmap_directory_at_open = raw
+                self.file.write(ext.directory_offset, marked)
+                self.file.sync()
+        if h.autoclear_features & ~known:
+            h.autoclear_features &= known
             self.file.write(hdr.OFF_AUTOCLEAR, hdr.pack_u64(h.autoclear_features))
             self.file.sync()
+
+    def restore_bitmaps(self) -> None:
+        """Put the bitmap directory back as it was at open: only for an operation that leaves
+        the guest view unchanged (commit's discard), once that is durable."""
+        raw = self.bitmap_directory_at_open
+        if raw is not None and self.header.bitmaps:
+            self.file.write(self.header.bitmaps.directory_offset, raw)
+            self.file.sync()
+            self.bitmap_directory_at_open = None
 
     def _set_incompat(self, value: int) -> None:
         self.header.incompatible_features = value
