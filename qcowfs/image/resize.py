@@ -9,8 +9,9 @@ from array import array
 
 from qcowfs.errors import ImageError, UnsupportedError
 from qcowfs.format import header as hdr
-from qcowfs.format.tables import L1E_OFFSET_MASK, MAX_L1_BYTES, encode_u64_table
+from qcowfs.format.tables import MAX_L1_BYTES, encode_u64_table
 
+from .discard import discard
 from .write import Qcow2Writer
 
 
@@ -83,7 +84,7 @@ def resize(w: Qcow2Writer, new_size: int, *, shrink: bool = False) -> None:
                 raise
         set_size(w, new_size)
         return
-    _discard_from(w, new_size)
+    discard(w, new_size, old_size - new_size)  # references first; refcounts drop on flush
     w.flush()
     set_size(w, new_size)
     w.full_flush()
@@ -104,42 +105,3 @@ def _truncate_free_tail(w: Qcow2Writer) -> None:
         w.refs.free_hint = min(w.refs.free_hint, end >> w.cb)
 
 
-def _discard_from(w: Qcow2Writer, new_size: int) -> None:
-    """Drop every cluster wholly past ``new_size`` from the active tree (references first;
-    the refcounts drop once the tables are durable)."""
-    img, cb, cs = w.img, w.cb, w.cs
-    first_cluster = -(-new_size // cs)
-    per_table = img.l2_entries
-    l1 = img.active.l1
-    step = 2 if w.extended else 1
-    for l1i in range(first_cluster // per_table, len(l1)):
-        entry = l1[l1i]
-        l2 = entry & L1E_OFFSET_MASK
-        if not l2:
-            continue
-        lo = max(0, first_cluster - l1i * per_table)
-        if lo == 0:
-            table = img.l2_cache.get(l2)
-            for j in range(0, len(table), step):
-                ref = w.old_ref(table[j]) if table[j] else None
-                if ref is not None:
-                    w.deferred.append(ref)
-            w.deferred.append((l2, cs))
-            w.metadata_changed(l2 >> cb, -1)
-            l1[l1i] = 0
-            w.l1_dirty.add(l1i)
-            continue
-        table = img.l2_cache.get(l2)
-        if not any(table[lo * step:]):
-            continue
-        l2, table = w.writable_l2(l1i)
-        for k in range(lo, per_table):
-            j = k * step
-            if table[j] or (step == 2 and table[j + 1]):
-                ref = w.old_ref(table[j]) if table[j] else None
-                if ref is not None:
-                    w.deferred.append(ref)
-                table[j] = 0
-                if step == 2:
-                    table[j + 1] = 0
-        w.touch_l2(l2, table)
