@@ -172,3 +172,16 @@ def poke(path: str | os.PathLike, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+
+
+def locked_bytes(path: str | os.PathLike) -> set[int]:
+    """Bytes of ``path`` that some process holds an OFD lock on (QEMU's and qcowfs's locks),
+    read from /proc/locks."""
+    ino = os.stat(path).st_ino
+    out: set[int] = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if "OFDLCK" in parts and int(parts[-3].split(":")[-1]) == ino:
+                out.update(range(int(parts[-2]), int(parts[-1]) + 1))
+    return out

@@ -8,22 +8,11 @@ import sys
 import time
 
 import pytest
-from qemutools import create, qemu_img
+from qemutools import create, locked_bytes, qemu_img
 
 import qcowfs
 from qcowfs.errors import LockedError
 from qcowfs.image.locking import LockMode, acquire, lock_bytes
-
-
-def held_bytes(path) -> set[int]:
-    ino = os.stat(path).st_ino
-    out = set()
-    with open("/proc/locks") as f:
-        for line in f:
-            parts = line.split()
-            if "OFDLCK" in parts and int(parts[-3].split(":")[-1]) == ino:
-                out.update(range(int(parts[-2]), int(parts[-1]) + 1))
-    return out
 
 
 @pytest.fixture
@@ -35,10 +24,10 @@ def test_write_mode_holds_qemus_writer_bytes(image):
     fd = os.open(image, os.O_RDWR)
     try:
         acquire(fd, str(image), LockMode.WRITE)
-        assert held_bytes(image) == {100, 101, 103, 201, 203} == set(lock_bytes(LockMode.WRITE))
+        assert locked_bytes(image) == {100, 101, 103, 201, 203} == set(lock_bytes(LockMode.WRITE))
     finally:
         os.close(fd)
-    assert held_bytes(image) == set()
+    assert locked_bytes(image) == set()
 
 
 def test_qemu_refuses_image_held_for_writing(image):
@@ -67,7 +56,7 @@ def test_read_mode_lets_qemu_read_but_not_write(image):
 def wait_for_locks(path, deadline=10.0):
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        if held_bytes(path):
+        if locked_bytes(path):
             return
         time.sleep(0.02)
     raise AssertionError("qemu-io never took its locks")

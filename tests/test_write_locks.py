@@ -11,24 +11,12 @@ import sys
 import time
 
 import pytest
-from qemutools import create, qemu_img
+from qemutools import create, locked_bytes, qemu_img
 
 import qcowfs
 from qcowfs.errors import LockedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def locked_bytes(path) -> set[int]:
-    """Bytes of ``path`` some process holds an OFD lock on."""
-    ino = os.stat(path).st_ino
-    out = set()
-    with open("/proc/locks") as f:
-        for line in f:
-            parts = line.split()
-            if "OFDLCK" in parts and int(parts[-3].split(":")[-1]) == ino:
-                out.update(range(int(parts[-2]), int(parts[-1]) + 1))
-    return out
 
 
 def wait_for(predicate, what: str, timeout: float = 20.0) -> None:
