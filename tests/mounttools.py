@@ -124,24 +124,6 @@ def fs_mounted(device: str, mountpoint: str | os.PathLike, *options: str):
             subprocess.run(["umount", "-l", str(mp)], capture_output=True)
 
 
-def engine_writes() -> str | None:
-    """None when the engine can open images for writing, else why not (the skip reason)."""
-    import tempfile
-
-    import qemutools as q
-
-    import qcowfs
-
-    with tempfile.TemporaryDirectory() as d:
-        img = q.create(os.path.join(d, "probe.qcow2"), "1M")
-        try:
-            disk = qcowfs.open_image(str(img), writable=True)
-        except qcowfs.ImageError as exc:
-            return f"the write engine has not landed on this branch yet ({exc.reason})"
-        disk.close()
-    return None
-
-
 def read_all(path: str | os.PathLike, *, direct: bool = False, chunk: int = 1 << 20) -> bytes:
     flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
     fd = os.open(path, flags)

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from crashtools import run_and_kill
 from qemutools import check, create, qemu_img, qemu_io, to_raw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,28 +79,6 @@ def touched_after(seed: int, cs: int, after: int) -> bytearray:
     return mask
 
 
-def run_and_kill(path: Path, seed: int, cs: int, rnd: random.Random) -> int:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(seed),
-                             os.path.join(REPO, "tests"), str(cs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": REPO})
-    flushed = -1
-    try:
-        for _ in range(rnd.randrange(1, OPS)):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            kind, n = line.split()
-            if kind == b"F":
-                flushed = int(n)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        err = proc.stderr.read()
-    assert proc.returncode == -signal.SIGKILL or not err, err.decode()
-    return flushed
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{"cluster_size": 4096}, {"extended_l2": True}],
                          ids=["c4k", "extl2"])
@@ -120,7 +95,8 @@ def test_sigkill_during_discards_loses_nothing_flushed(tmp_path, options):
     rnd = random.Random(4321)
     for iteration in range(6):
         seed = rnd.randrange(1 << 30)
-        flushed = run_and_kill(path, seed, cs, rnd)
+        flushed = run_and_kill(CHILD, [str(path), str(seed), os.path.join(REPO, "tests"), str(cs)],
+                               rnd.randrange(1, OPS))
         code, report = check(path)
         assert code in (0, 3), f"iteration {iteration}: qemu-img check exit {code}: {report}"
         assert not report.get("corruptions"), report

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from crashtools import run_and_kill
 from qemutools import check, create, qemu_io, to_raw
 
 import qcowfs
@@ -82,31 +79,6 @@ def touched_after(seed: int, size: int, after: int) -> bytearray:
     return mask
 
 
-def run_and_kill(path: Path, seed: int, rnd: random.Random, cache: int) -> int:
-    """Run a child writer, kill it after a random number of reports; returns the index of the
-    last op covered by a completed flush (-1 for none)."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(seed),
-                             os.path.join(REPO, "tests"), str(cache)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": REPO})
-    flushed = -1
-    reports = rnd.randrange(1, OPS_PER_RUN)
-    try:
-        for _ in range(reports):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            kind, n = line.split()
-            if kind == b"F":
-                flushed = int(n)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        err = proc.stderr.read()
-    assert proc.returncode == -signal.SIGKILL or not err, err.decode()
-    return flushed
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("options", "cache"), [
     ({}, 32 * 1024 * 1024),
@@ -123,7 +95,8 @@ def test_sigkill_loses_nothing_flushed(tmp_path, options, cache):
     model = bytearray(to_raw(path, tmp_path / "m.raw"))
     for iteration in range(8):
         seed = rnd.randrange(1 << 30)
-        flushed = run_and_kill(path, seed, rnd, cache)
+        flushed = run_and_kill(CHILD, [str(path), str(seed), os.path.join(REPO, "tests"), str(cache)],
+                               rnd.randrange(1, OPS_PER_RUN))
         if options.get("lazy_refcounts"):
             # A dirty image is repaired by a read/write open, as QEMU does.
             qcowfs.open_image(str(path), writable=True).close()
