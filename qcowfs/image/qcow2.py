@@ -278,7 +278,25 @@ class Mapping:
 
         ``fill(view, guest_offset)`` supplies unallocated ranges: the backing chain, or zeros.
         """
-        self._readinto_extents(buf, offset, self.extents(offset, len(buf)), fill)
+        img = self.image
+        cb = img.cluster_bits
+        n = len(buf)
+        if n and not img.extended_l2 and offset >> cb == (offset + n - 1) >> cb:
+            # One cluster of plain data, the common small read: no extent list.
+            cidx = offset >> cb
+            l1i = cidx >> img.l2_bits
+            l1 = self.l1
+            l1e = l1[l1i] if l1i < len(l1) else 0
+            l2_off = l1e & L1E_OFFSET_MASK
+            if l2_off and not l1e & L1E_RESERVED_MASK:
+                entry = img.l2_cache.get(l2_off)[cidx & (img.l2_entries - 1)]
+                host = entry & L2E_OFFSET_MASK
+                cmask = img.cluster_size - 1
+                if host and not entry & _NOT_PLAIN_DATA and not host & cmask \
+                        and host != l2_off:
+                    img.read_data(buf, host + (offset & cmask))
+                    return
+        self._readinto_extents(buf, offset, self.extents(offset, n), fill)
 
     def _readinto_extents(self, buf: memoryview, offset: int, extents: list[Extent],
                           fill: FillFn) -> None:

@@ -35,6 +35,7 @@ from qcowfs.chain.disk import open_image
 from qcowfs.errors import ImageError
 
 from .operations import QcowfsOperations
+from . import requestloop
 from .options import MountOptions
 from .tree import Tree
 
@@ -288,6 +289,8 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
     if ready_fd is not None:
         _detach_stdio()
     code = 0
+    if opts.fast_loop:
+        requestloop.install()
     try:
         trio.run(_serve_until_done, mountpoint)
     except BaseException as exc:

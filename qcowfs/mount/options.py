@@ -38,6 +38,7 @@ class MountOptions:
     l2_cache_bytes: int | None = None
     zero_detect: bool = True
     direct_io: bool = True
+    fast_loop: bool = True
     allow_shrink: bool = False
     attr_timeout: float = 1.0
     fsname: str | None = None
@@ -131,6 +132,7 @@ def _apply(opts: MountOptions, item: str) -> None:
             "allow_other": ("allow_other", True), "allow_root": ("allow_root", True),
             "zero_detect": ("zero_detect", True), "nozero_detect": ("zero_detect", False),
             "direct_io": ("direct_io", True), "nodirect_io": ("direct_io", False),
+            "fast_loop": ("fast_loop", True), "nofast_loop": ("fast_loop", False),
             "allow_shrink": ("allow_shrink", True),
         }
         if name in flags:
@@ -155,6 +157,8 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.zero_detect = _bool(name, value)
     elif name == "direct_io":
         opts.direct_io = _bool(name, value)
+    elif name == "fast_loop":
+        opts.fast_loop = _bool(name, value)
     elif name == "attr_timeout":
         try:
             opts.attr_timeout = max(0.0, float(value))
