@@ -21,12 +21,16 @@ def test_options_fstab_style():
     assert o.read_only and o.allow_other and not o.zero_detect and not o.direct_io
     assert (o.uid, o.gid, o.umask, o.l2_cache_bytes) == (1000, 100, 0o027, 64 << 20)
     assert parse_options(["ro", "rw"]).read_only is False
+    assert parse_options([]).fast_loop
+    assert not parse_options(["nofast_loop"]).fast_loop
+    assert not parse_options(["fast_loop=off"]).fast_loop
     assert "ro" in parse_options(["ro,nosuid"]).fuse_options("/i")
     assert "nosuid" in parse_options(["ro,nosuid"]).fuse_options("/i")
     assert "fsname=/a\\,b" in parse_options([]).fuse_options("/a,b")
     assert split_options("a,b\\,c,,d") == ["a", "b,c", "d"]
     assert parse_size("1G") == 1 << 30 and parse_size("512k") == 512 << 10
-    for bad in ("frob", "uid=x", "umask=9", "zero_detect=maybe", "l2_cache_size=lots"):
+    for bad in ("frob", "uid=x", "umask=9", "zero_detect=maybe", "l2_cache_size=lots",
+                "fast_loop=sometimes"):
         with pytest.raises(OptionError):
             parse_options([bad])
 

@@ -34,8 +34,8 @@ import trio
 from qcowfs.chain.disk import open_image
 from qcowfs.errors import ImageError
 
-from .operations import QcowfsOperations
 from . import requestloop
+from .operations import QcowfsOperations
 from .options import MountOptions
 from .tree import Tree
 
