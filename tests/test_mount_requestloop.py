@@ -32,16 +32,6 @@ async def test_free_fast_lock_is_taken_without_yielding():
     assert ran
 
 
-async def test_plain_trio_lock_does_yield():
-    """The cost the fast lock removes: trio.Lock checkpoints even when it is free."""
-    ran: list = []
-    lock = trio.Lock()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_note_running, ran)
-        async with lock:
-            assert ran
-
-
 async def test_held_fast_lock_makes_others_wait():
     lock = requestloop.FastLock()
     order = []

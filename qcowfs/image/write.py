@@ -401,25 +401,38 @@ class Qcow2Writer:
         self._write(offset, view, zero)
 
     def _write_in_place(self, offset: int, view: memoryview) -> bool:
-        """The common case in one step: the range lies in one cluster the active disk owns
-        alone (standard L2, no data file). False when the general path must handle it."""
+        """The common case in one step: the range lies in clusters of one L2 table that the
+        active disk owns alone and that follow each other on the host (standard L2, no data
+        file): one ``pwrite``, no plan. False when the general path must handle it."""
         n = len(view)
         cb = self.cb
         if (self.extended or self.has_data_file or self.broken or self.closed or not n
-                or offset < 0 or offset + n > self.img.active.size
-                or offset >> cb != (offset + n - 1) >> cb):
+                or offset < 0 or offset + n > self.img.active.size):
+            return False
+        first, last = offset >> cb, (offset + n - 1) >> cb
+        l2_bits = self.l2_bits
+        if first >> l2_bits != last >> l2_bits:
             return False
         img = self.img
-        l1i = offset >> (cb + self.l2_bits)
-        l1e = img.active.l1[l1i]
+        l1e = img.active.l1[first >> l2_bits]
         if not l1e & COPIED:
             return False
-        entry = img.l2_cache.get(l1e & L1E_OFFSET_MASK)[(offset >> cb) & (img.l2_entries - 1)]
+        table = img.l2_cache.get(l1e & L1E_OFFSET_MASK)
+        i = first & (img.l2_entries - 1)
+        entry = table[i]
         if not entry & COPIED or entry & (ZERO_FLAG | COMPRESSED):
             return False
         host = entry & L2E_OFFSET_MASK
-        if not host or host >> cb in self._meta:
+        meta = self._meta
+        if not host or host >> cb in meta:
             return False  # the general path reports the overlap
+        expect = entry
+        for _ in range(last - first):
+            i += 1
+            expect += self.cs
+            # Same flags, next host cluster: anything else goes the general way.
+            if table[i] != expect or (expect & L2E_OFFSET_MASK) >> cb in meta:
+                return False
         self.file.write(host + (offset & (self.cs - 1)), view)
         self._image_unsynced = True
         return True
@@ -603,7 +616,7 @@ class Qcow2Writer:
         the host ranges continue each other (one ``pwritev`` per host run)."""
         img = self.img
         target = self.data_file if self.has_data_file else self.file
-        # A piece is a bytearray (head or tail) or a (start, end) slice of ``data``.
+        # A piece is a memoryview (head or tail) or a (start, end) slice of ``data``.
         pieces: list = []
         run_start = run_end = -1
 
@@ -630,18 +643,28 @@ class Qcow2Writer:
                 emit()
                 pieces = []
                 run_start = run_end = h
-            if lo < a:
-                head = bytearray(a - lo)
-                img.active.readinto(memoryview(head), cstart + lo, self.fill)
+            if lo < a and b < hi:
+                # Head and tail: one read of the whole range (as QEMU does), the middle of
+                # which the written bytes replace.
+                whole = memoryview(bytearray(hi - lo))
+                img.active.readinto(whole, cstart + lo, self.fill)
+                head, tail = whole[:a - lo], whole[b - lo:]
+            else:
+                head = tail = None
+                if lo < a:
+                    head = memoryview(bytearray(a - lo))
+                    img.active.readinto(head, cstart + lo, self.fill)
+                if b < hi:
+                    tail = memoryview(bytearray(hi - b))
+                    img.active.readinto(tail, cstart + b, self.fill)
+            if head is not None:
                 pieces.append(head)
             s, e = cstart + a - pos, cstart + b - pos
             if pieces and isinstance(pieces[-1], tuple) and pieces[-1][1] == s:
                 pieces[-1] = (pieces[-1][0], e)
             else:
                 pieces.append((s, e))
-            if b < hi:
-                tail = bytearray(hi - b)
-                img.active.readinto(memoryview(tail), cstart + b, self.fill)
+            if tail is not None:
                 pieces.append(tail)
             run_end = h + (hi - lo)
         emit()
