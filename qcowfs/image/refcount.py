@@ -130,10 +130,13 @@ class Refcounts:
 
     # --- allocation -------------------------------------------------------------------------
 
-    def _find_free_run(self, count: int) -> int:
+    def _find_free_run(self, count: int) -> tuple[int, int]:
+        """The first run of ``count`` free clusters at or after ``free_hint``, and the first
+        free cluster the search met (the run's start unless shorter runs come before it)."""
         bb = self.block_bits
         per = 1 << bb
         start = self.free_hint
+        first_free = -1
         run = 0
         c = start
         while run < count:
@@ -144,6 +147,8 @@ class Refcounts:
                 step = per - (c & self.block_mask)
                 if run == 0:
                     start = c
+                    if first_free < 0:
+                        first_free = c
                 run += step
                 c += step
                 continue
@@ -155,12 +160,14 @@ class Refcounts:
                 else:
                     if run == 0:
                         start = (index << bb) + i
+                        if first_free < 0:
+                            first_free = start
                     run += 1
                 i += 1
             c = (index << bb) + i
         if (start + count) << self.cluster_bits > MAX_HOST_OFFSET:
             raise FormatError(self.path, "image file would grow past the largest host offset")
-        return start
+        return start, first_free
 
     def allocate(self, count: int) -> int:
         """``count`` contiguous free clusters, refcount 1 each (in the cache); returns the first.
@@ -169,7 +176,7 @@ class Refcounts:
         bb = self.block_bits
         extra = 0
         while True:
-            start = self._find_free_run(count + extra)
+            start, first_free = self._find_free_run(count + extra)
             end = start + count + extra
             uncovered = [i for i in range(start >> bb, ((end - 1) >> bb) + 1)
                          if not self.block_offset(i)]
@@ -184,8 +191,9 @@ class Refcounts:
             first = start + len(uncovered)
             for c in range(first, first + count):
                 self.add(c, 1)
-            if start <= self.free_hint:
-                self.free_hint = first + count
+            # Nothing below the hint is free: the search began there, and the run (with its
+            # new blocks) is used now; a shorter free run met on the way stays the hint.
+            self.free_hint = first + count if first_free >= start else first_free
             return first
 
     def _new_blocks(self, indices: list[int], at: int) -> None:
