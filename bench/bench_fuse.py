@@ -5,7 +5,8 @@ O_DIRECT. Prints the table with the qcowfs/QEMU ratio per job and writes docs/pe
 Also: mount time and daemon memory for a 4 TiB sparse image.
 
 Environment: BENCH_SAMPLES (default 3), BENCH_RUNTIME seconds per sample (default 5),
-BENCH_SIZE (default 1G), BENCH_DIR (default bench/out).
+BENCH_SIZE (default 1G), BENCH_DIR (default bench/out); BENCH_JOBS=TEXT runs only the jobs
+whose name contains TEXT, prints their table and leaves docs/performance.md alone.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ RUNTIME = int(os.environ.get("BENCH_RUNTIME", "5"))
 SIZE = os.environ.get("BENCH_SIZE", "1G")
 OUT = Path(os.environ.get("BENCH_DIR", REPO / "bench" / "out"))
 
-# name, rw, block size, ioengine, iodepth, needs writes, copy-on-write into a fresh overlay
+# name, rw, block size, ioengine, iodepth, copy-on-write into a fresh overlay
 JOBS = [
-    ("seq read 1M QD1", "read", "1M", "psync", 1, False, False),
-    ("seq write 1M QD1", "write", "1M", "psync", 1, True, False),
-    ("rand read 4k QD1", "randread", "4k", "psync", 1, False, False),
-    ("rand write 4k QD1", "randwrite", "4k", "psync", 1, True, False),
-    ("rand read 4k QD16", "randread", "4k", "libaio", 16, False, False),
-    ("rand write 4k QD16", "randwrite", "4k", "libaio", 16, True, False),
-    ("COW 4k QD1 (fresh overlay)", "randwrite", "4k", "psync", 1, True, True),
+    ("seq read 1M QD1", "read", "1M", "psync", 1, False),
+    ("seq write 1M QD1", "write", "1M", "psync", 1, False),
+    ("rand read 4k QD1", "randread", "4k", "psync", 1, False),
+    ("rand write 4k QD1", "randwrite", "4k", "psync", 1, False),
+    ("rand read 4k QD16", "randread", "4k", "libaio", 16, False),
+    ("rand write 4k QD16", "randwrite", "4k", "libaio", 16, False),
+    ("COW 4k QD1 (fresh overlay)", "randwrite", "4k", "psync", 1, True),
 ]
+JOB_FILTER = os.environ.get("BENCH_JOBS", "")
 
 
 def sh(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -123,19 +125,6 @@ def fio(target: Path, rw: str, bs: str, engine: str, depth: int, size: str,
     return float(side["iops"])
 
 
-def engine_writes() -> bool:
-    import qcowfs
-
-    with tempfile.TemporaryDirectory() as d:
-        probe = Path(d) / "p.qcow2"
-        sh("qemu-img", "create", "-q", "-f", "qcow2", probe, "1M")
-        try:
-            qcowfs.open_image(str(probe), writable=True).close()
-            return True
-        except qcowfs.ImageError:
-            return False
-
-
 def make_image(path: Path) -> None:
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", path, SIZE)
 
@@ -148,7 +137,47 @@ def make_overlay(d: Path, tag: str, base: Path) -> Path:
     return top
 
 
-def run_jobs(d: Path, writes: bool) -> list[dict]:
+@contextlib.contextmanager
+def passthrough_mount(raw: Path, mp: Path):
+    """bench/passthrough.py: the pyfuse3 ceiling, one raw file served by inline preadv/pwrite."""
+    mp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "passthrough.py"), str(raw),
+                             str(mp)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_until(lambda: is_mounted(mp) or proc.poll() is not None, what="the passthrough")
+        if proc.poll() is not None:
+            raise RuntimeError(f"passthrough: {proc.stderr.read().strip()}")
+        yield mp / "disk"
+    finally:
+        if is_mounted(mp):
+            sh("fusermount3", "-u", mp, check=False)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if is_mounted(mp):
+            sh("fusermount3", "-u", "-z", mp, check=False)
+
+
+def warm(path: Path) -> None:
+    """Read ``path`` into the page cache. This VM's kernel drops cached pages of files nobody
+    touched lately, so each sample starts from the same (hot) state on every side."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(8 << 20)
+        pos = 0
+        while n := os.readv(fd, [buf]):
+            pos += n
+    finally:
+        os.close(fd)
+
+
+SIDES = ("qcowfs", "qemu", "passthrough")
+
+
+def run_jobs(d: Path) -> list[dict]:
     img_q, img_e = d / "qcowfs.qcow2", d / "qemu.qcow2"
     for img in (img_q, img_e):
         if not img.exists():
@@ -156,21 +185,25 @@ def run_jobs(d: Path, writes: bool) -> list[dict]:
     base = d / "base.raw"
     if not base.exists():
         sh("qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=full", base, SIZE)
-    mode = "rw" if writes else "ro"
+    raw = d / "passthrough.raw"
+    if not raw.exists():
+        sh("qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=full", raw, SIZE)
+    files = {"qcowfs": img_q, "qemu": img_e, "passthrough": raw}
     results = []
-    with qcowfs_mount(img_q, d / "mnt-qcowfs", mode) as q_disk, \
-            qemu_export(img_e, d / "qemu-export", True) as e_disk:
-        for name, rw, bs, engine, depth, needs_w, cow in JOBS:
-            if needs_w and not writes:
-                results.append({"job": name, "qcowfs": None, "qemu": None,
-                                "note": "write engine not landed"})
-                print(f"{name:<28} skipped: the write engine has not landed", flush=True)
+    with qcowfs_mount(img_q, d / "mnt-qcowfs", "rw") as q_disk, \
+            qemu_export(img_e, d / "qemu-export", True) as e_disk, \
+            passthrough_mount(raw, d / "mnt-passthrough") as p_disk:
+        targets = {"qcowfs": q_disk, "qemu": e_disk, "passthrough": p_disk}
+        for name, rw, bs, engine, depth, cow in JOBS:
+            if JOB_FILTER and JOB_FILTER not in name:
                 continue
-            samples: dict[str, list[float]] = {"qcowfs": [], "qemu": []}
+            sides = SIDES[:2] if cow else SIDES
+            samples: dict[str, list[float]] = {side: [] for side in sides}
             for i in range(SAMPLES):
-                for side in ("qcowfs", "qemu"):
+                for side in sides:
                     if cow:
                         top = make_overlay(d, side, base)
+                        warm(base)
                         if side == "qcowfs":
                             with qcowfs_mount(top, d / "mnt-cow", "rw") as t:
                                 iops = fio(t, rw, bs, engine, depth, SIZE)
@@ -178,15 +211,14 @@ def run_jobs(d: Path, writes: bool) -> list[dict]:
                             with qemu_export(top, d / "cow-export", True) as t:
                                 iops = fio(t, rw, bs, engine, depth, SIZE)
                     else:
-                        target = q_disk if side == "qcowfs" else e_disk
-                        iops = fio(target, rw, bs, engine, depth, SIZE)
+                        warm(files[side])
+                        iops = fio(targets[side], rw, bs, engine, depth, SIZE)
                     samples[side].append(iops)
-                print(f"{name:<28} sample {i + 1}: qcowfs {samples['qcowfs'][-1]:9.0f}  "
-                      f"qemu {samples['qemu'][-1]:9.0f} IOPS", flush=True)
-            q = statistics.median(samples["qcowfs"])
-            e = statistics.median(samples["qemu"])
-            results.append({"job": name, "qcowfs": q, "qemu": e, "bs": bs,
-                            "note": ""})
+                print(f"{name:<28} sample {i + 1}: " + "  ".join(
+                    f"{side} {samples[side][-1]:9.0f}" for side in sides) + " IOPS", flush=True)
+            results.append({"job": name, "bs": bs,
+                            **{side: statistics.median(samples.get(side) or [0]) or None
+                               for side in SIDES}})
     return results
 
 
@@ -198,23 +230,21 @@ BUFFERED_JOBS = [
 ]
 
 
-def direct_io_comparison(d: Path, writes: bool) -> list[dict]:
+def direct_io_comparison(d: Path) -> list[dict]:
     """qcowfs with FUSE direct_io on (the default) against off, for buffered I/O (no O_DIRECT
     in fio), interleaved, medians."""
     imgs = [d / "dio-on.qcow2", d / "dio-off.qcow2"]
     for img in imgs:
         if not img.exists():
             make_image(img)
-    mode = "rw" if writes else "ro"
     out = []
-    with qcowfs_mount(imgs[0], d / "mnt-dio-on", f"{mode},direct_io=on") as on, \
-            qcowfs_mount(imgs[1], d / "mnt-dio-off", f"{mode},direct_io=off") as off:
+    with qcowfs_mount(imgs[0], d / "mnt-dio-on", "rw,direct_io=on") as on, \
+            qcowfs_mount(imgs[1], d / "mnt-dio-off", "rw,direct_io=off") as off:
         for name, rw, bs in BUFFERED_JOBS:
-            if "write" in rw and not writes:
-                continue
             samples: dict[str, list[float]] = {"on": [], "off": []}
             for _ in range(SAMPLES):
-                for side, target in (("on", on), ("off", off)):
+                for side, target, img in (("on", on, imgs[0]), ("off", off, imgs[1])):
+                    warm(img)
                     samples[side].append(fio(target, rw, bs, "psync", 1, SIZE, direct=False))
             out.append({"job": name, "on": statistics.median(samples["on"]),
                         "off": statistics.median(samples["off"])})
@@ -288,13 +318,12 @@ def machine() -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| job | qcowfs IOPS | QEMU IOPS | qcowfs/QEMU |", "|---|---:|---:|---:|"]
+    lines = ["| job | qcowfs IOPS | QEMU IOPS | qcowfs/QEMU | pyfuse3 passthrough IOPS "
+             "| qcowfs/passthrough |", "|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        if r["qcowfs"] is None:
-            lines.append(f"| {r['job']} | n/a | n/a | {r['note']} |")
-        else:
-            lines.append(f"| {r['job']} | {r['qcowfs']:,.0f} | {r['qemu']:,.0f} | "
-                         f"{r['qcowfs'] / r['qemu']:.2f} |")
+        q, e, p = r["qcowfs"], r["qemu"], r["passthrough"]
+        pt = f"{p:,.0f} | {q / p:.2f}" if p else "n/a | n/a"
+        lines.append(f"| {r['job']} | {q:,.0f} | {e:,.0f} | {q / e:.2f} | {pt} |")
     return "\n".join(lines)
 
 
@@ -307,11 +336,14 @@ def main() -> int:
     d = Path(tempfile.mkdtemp(prefix="run-", dir=OUT))
     try:
         load_start = os.getloadavg()[0]
-        writes = engine_writes()
         print(f"bench: {SAMPLES} samples x {RUNTIME} s per job and side, images of {SIZE}, "
-              f"O_DIRECT, interleaved qcowfs/QEMU", flush=True)
-        results = run_jobs(d, writes)
-        dio = direct_io_comparison(d, writes)
+              f"O_DIRECT, interleaved qcowfs/QEMU/passthrough", flush=True)
+        results = run_jobs(d)
+        if JOB_FILTER:
+            print()
+            print(table(results))
+            return 0
+        dio = direct_io_comparison(d)
         big = big_image(d)
         mach = machine()
         load = f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
