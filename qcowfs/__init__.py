@@ -11,7 +11,8 @@ The public library interface::
 Every problem with an image raises a subclass of :class:`ImageError`.
 """
 
-from qcowfs.chain.disk import Disk, SnapshotDisk, SnapshotInfo, open_image
+from typing import TYPE_CHECKING
+
 from qcowfs.errors import (
     BackingChainError,
     CorruptionError,
@@ -22,6 +23,9 @@ from qcowfs.errors import (
     ReadOnlyError,
     UnsupportedError,
 )
+
+if TYPE_CHECKING:
+    from qcowfs.chain.disk import Disk, SnapshotDisk, SnapshotInfo, open_image
 
 __version__ = "0.1.0"
 
@@ -39,3 +43,21 @@ __all__ = [
     "CorruptionError",
     "HostIOError",
 ]
+
+# The disk API loads the whole image engine: only code that uses it pays for that import
+# (``qcowfs umount``, ``qcowfs --help`` and the package's errors do not). PEP 562.
+_LAZY = {"open_image", "Disk", "SnapshotDisk", "SnapshotInfo"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from qcowfs.chain import disk
+
+        value = getattr(disk, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import datetime
 import errno as _errno
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
 from qcowfs.format.snapshot import SnapshotEntry
 from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, FillFn, Mapping, Qcow2Image, zero_fill
 from qcowfs.image.raw import RawImage
-from qcowfs.image.write import Qcow2Writer
 
 from .locks import lock_chain
 from .resolve import Layer, open_chain
+
+if TYPE_CHECKING:
+    from qcowfs.image.write import Qcow2Writer
 
 
 def _chain_fill(layers: list[Layer], depth: int) -> FillFn:
@@ -154,6 +157,9 @@ class Disk(_View):
         self._closed = False
         self.writer: Qcow2Writer | None = None
         if writable and isinstance(self.top, Qcow2Image):
+            # the write path loads only with a writable qcow2 (read-only mounts start faster)
+            from qcowfs.image.write import Qcow2Writer
+
             backing_size = _layer_size(layers[1]) if len(layers) > 1 else 0
             self.writer = Qcow2Writer(self.top, self._fill, backing_size,
                                       zero_detect=zero_detect)

@@ -30,11 +30,14 @@ class CommandError(Exception):
         self.code = EXIT_ERROR if code is None else code
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: with every command, or only the one ``argv`` runs (a command's
+    module imports what the command needs, and that can be most of qcowfs: ``qcowfs mount``
+    should not load the engine of ``qcowfs check``)."""
     parser = argparse.ArgumentParser(prog="qcowfs", description="qcow2 images as raw disks")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in _commands_for(argv):
         try:
             module = importlib.import_module(f"qcowfs.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -45,8 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commands_for(argv: list[str] | None) -> tuple[str, ...]:
+    """The one command ``argv`` names, when nothing but ``--debug`` comes before it; else all
+    of them (no command, ``-h``, a typo: the usage, help or error lists every command)."""
+    if argv is None:
+        return COMMANDS
+    for arg in argv:
+        if arg == "--debug":
+            continue
+        return (arg,) if arg in COMMANDS else COMMANDS
+    return COMMANDS
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import zlib
 
-import zstandard
-
 from qcowfs.errors import FormatError
 from qcowfs.format.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
@@ -19,30 +17,40 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) ->
     short or is garbage raises FormatError. Output is capped at one cluster, so a hostile stream
     cannot make this allocate more.
     """
-    try:
-        if compression_type == COMPRESSION_ZLIB:
+    if compression_type == COMPRESSION_ZLIB:
+        try:
             d = zlib.decompressobj(_DEFLATE_WBITS)
             out = d.decompress(data, cluster_size)
-        elif compression_type == COMPRESSION_ZSTD:
-            out = _zstd_decompress(data, cluster_size)
-        else:
-            raise FormatError(None, f"unknown compression type {compression_type}")
-    except (zlib.error, zstandard.ZstdError) as exc:
-        raise FormatError(None, f"compressed cluster cannot be decompressed: {exc}") from None
+        except zlib.error as exc:
+            raise _undecompressable(exc) from None
+    elif compression_type == COMPRESSION_ZSTD:
+        out = _zstd_decompress(data, cluster_size)
+    else:
+        raise FormatError(None, f"unknown compression type {compression_type}")
     if len(out) != cluster_size:
         raise FormatError(None, "compressed cluster decompresses to the wrong size")
     return out
 
 
+def _undecompressable(exc: Exception) -> FormatError:
+    return FormatError(None, f"compressed cluster cannot be decompressed: {exc}")
+
+
 def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
+    # Loaded on the first zstd cluster: opening an image (and mounting it) does not pay for it.
+    import zstandard
+
     # A cluster may be stored as several frames back to back; never produce more than a cluster.
-    reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-    out = bytearray()
-    while len(out) < cluster_size:
-        chunk = reader.read(cluster_size - len(out))
-        if not chunk:
-            break
-        out += chunk
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        out = bytearray()
+        while len(out) < cluster_size:
+            chunk = reader.read(cluster_size - len(out))
+            if not chunk:
+                break
+            out += chunk
+    except zstandard.ZstdError as exc:
+        raise _undecompressable(exc) from None
     return bytes(out)
 
 
@@ -53,6 +61,8 @@ def compress_cluster(data: bytes, compression_type: int, level: int | None = Non
                              zlib.DEFLATED, _DEFLATE_WBITS, 9)
         out = c.compress(data) + c.flush()
     elif compression_type == COMPRESSION_ZSTD:
+        import zstandard
+
         out = zstandard.ZstdCompressor(level=level if level is not None else 3,
                                        write_content_size=False).compress(data)
     else:

@@ -41,7 +41,6 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     encode_u64_table,
 )
-from qcowfs.image.check import repair_dirty
 from qcowfs.image.qcow2 import FillFn, Qcow2Image
 from qcowfs.image.refcount import Refcounts
 
@@ -102,7 +101,9 @@ class Qcow2Writer:
         self.lazy = h.lazy_refcounts
         if h.dirty:
             # Refcounts may be stale (lazy refcounts and a crash): repair them as QEMU does on a
-            # read/write open, before anything reads them.
+            # read/write open, before anything reads them. (The checker loads only here.)
+            from qcowfs.image.check import repair_dirty
+
             repair_dirty(image)
             image.l2_cache.clear()
             image.active.l1 = image.read_l1(h.l1_table_offset, h.l1_size, "active L1 table")

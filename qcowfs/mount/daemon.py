@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import logging.handlers
 import os
 import signal
 import socket
@@ -100,8 +99,9 @@ def setup_logging(foreground: bool, debug: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("qcowfs: %(levelname)s: %(message)s"))
     elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        from logging.handlers import SysLogHandler  # only the detached daemon logs to syslog
+
+        handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter(f"qcowfs[{os.getpid()}]: %(message)s"))
     else:
         handler = logging.NullHandler()
