@@ -21,6 +21,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qcowfs.mount import requestloop  # noqa: E402
+from qcowfs.mount.options import MountOptions  # noqa: E402
 
 DISK_INO = 2
 
@@ -72,7 +73,7 @@ class Passthrough(pyfuse3.Operations):
 def main() -> None:
     ops = Passthrough(sys.argv[1])
     pyfuse3.init(ops, sys.argv[2], {"fsname=passthrough", "default_permissions"})
-    requestloop.install()
+    requestloop.install(MountOptions().poll_us)
     try:
         trio.run(pyfuse3.main, 1, 1)
     finally:

@@ -92,9 +92,32 @@ async def test_fast_wait_readable_lets_other_tasks_run_under_sustained_load():
         os.close(w)
 
 
+async def test_a_request_within_the_poll_window_skips_the_sleep(monkeypatch):
+    slept = []
+
+    async def sleeping_wait(fd):
+        slept.append(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", sleeping_wait)
+    r, w = os.pipe()
+    try:
+        low = requestloop.FastTrio(poll_ns=5_000_000_000).lowlevel
+        timer = threading.Timer(0.05, os.write, (w, b"x"))
+        timer.start()
+        await low.wait_readable(r)
+        timer.join()
+        assert not slept, "slept in epoll although the request came inside the poll window"
+        os.read(r, 1)
+        await requestloop.FastTrio(poll_ns=0).lowlevel.wait_readable(r)
+        assert slept == [r], "without a poll window an empty fd must wait through trio"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_install_swaps_the_trio_pyfuse3_uses():
     try:
-        requestloop.install()
+        requestloop.install(50)
         assert requestloop.installed()
         assert pyfuse3.trio.Lock is requestloop.FastLock
         assert pyfuse3.trio.open_nursery is trio.open_nursery

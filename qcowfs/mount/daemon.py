@@ -290,7 +290,7 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
         _detach_stdio()
     code = 0
     if opts.fast_loop:
-        requestloop.install()
+        requestloop.install(opts.poll_us)
     try:
         trio.run(_serve_until_done, mountpoint)
     except BaseException as exc:

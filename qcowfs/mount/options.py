@@ -39,6 +39,7 @@ class MountOptions:
     zero_detect: bool = True
     direct_io: bool = True
     fast_loop: bool = True
+    poll_us: int = 50  # how long the request loop polls before it sleeps (requestloop)
     allow_shrink: bool = False
     attr_timeout: float = 1.0
     fsname: str | None = None
@@ -159,6 +160,8 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.direct_io = _bool(name, value)
     elif name == "fast_loop":
         opts.fast_loop = _bool(name, value)
+    elif name == "poll_us":
+        opts.poll_us = min(_int(name, value), 10_000)
     elif name == "attr_timeout":
         try:
             opts.attr_timeout = max(0.0, float(value))
