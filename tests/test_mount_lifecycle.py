@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -243,3 +244,27 @@ def test_image_inside_its_own_mount_point(tmp_path):
         assert st.st_size == 4 << 20 and st.st_blocks > 0
         assert os.statvfs(mp).f_blocks == os.statvfs(tmp_path).f_blocks
         assert read_all(mp / "disk")[:65536] == b"\x42" * 65536
+
+
+def test_detached_daemon_keeps_no_descriptor_of_its_caller(tmp_path, image):
+    """A pipe the caller hands down (as a shell or a supervisor might) reaches end-of-file
+    once `qcowfs mount` returns: the daemon does not keep it open until the unmount."""
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    r, w = os.pipe()
+    try:
+        p = subprocess.run([sys.executable, "-m", "qcowfs", "mount", "-o", "ro", str(image),
+                            str(mp)], env=env(), pass_fds=(w,), capture_output=True, text=True,
+                           timeout=120)
+        os.close(w)
+        w = -1
+        assert p.returncode == 0, p.stderr
+        ready, _, _ = select.select([r], [], [], 10)
+        assert ready and os.read(r, 1) == b"", "the daemon holds its caller's pipe open"
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+        if is_mounted(mp):
+            qcowfs("umount", mp)
+        force_unmount(mp)

@@ -18,6 +18,7 @@ leaves with ``os._exit``.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -191,6 +192,7 @@ def mount(req: MountRequest) -> int:
     try:
         os.setsid()
         os.chdir("/")
+        _close_inherited_fds()
         setup_logging(False, req.debug)
         code = serve(disk, image, mountpoint, req, ready_fd=write_end)
     except BaseException:
@@ -356,6 +358,24 @@ def _close_disk(disk, opts: MountOptions, quiet: bool = False) -> bool:
     except Exception:
         pass
     return False
+
+
+def _close_inherited_fds() -> None:
+    """Close what the detached daemon inherited from whoever ran ``qcowfs mount`` (descriptors
+    above 2 without close-on-exec), so a caller waiting for end-of-file on a pipe it passed
+    down is not kept waiting until the unmount. Everything qcowfs opens is close-on-exec."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd <= 2:
+            continue
+        try:
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                os.close(fd)
+        except OSError:
+            pass
 
 
 def _detach_stdio() -> None:
