@@ -140,6 +140,15 @@ def test_debug_shows_the_traceback(tmp_path):
     assert p.returncode != 0 and "Traceback" in p.stderr
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag):
+    import qcowfs
+
+    p = qcowfs_subprocess(flag)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"qcowfs {qcowfs.__version__}"
+
+
 def test_missing_file(tmp_path):
     for cmd in (["info"], ["map"], ["check"], ["convert"]):
         extra = [str(tmp_path / "o.raw")] if cmd == ["convert"] else []

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from qcowfs import __version__
 from qcowfs.errors import ImageError
 
 COMMANDS = (
@@ -36,6 +37,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     should not load the engine of ``qcowfs check``)."""
     parser = argparse.ArgumentParser(prog="qcowfs", description="qcow2 images as raw disks")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-V", "--version", action="version", version=f"qcowfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _commands_for(argv):
         try:
