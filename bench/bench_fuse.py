@@ -162,14 +162,16 @@ def passthrough_mount(raw: Path, mp: Path):
 
 
 def reset_cache(path: Path, read_back: bool) -> None:
-    """Start a sample from a known page-cache state of ``path``: write back and drop what is
-    cached, then (``read_back``) read it all in order. This VM's kernel reclaims pages nobody
+    """Start a sample from a known page-cache state of ``path``: write back everything dirty
+    (on the whole machine, so no side's sample competes with the writeback of what an earlier
+    one wrote, or of the images just made), drop what is cached of ``path``, then
+    (``read_back``) read it all in order. This VM's kernel reclaims pages nobody
     touched lately, and the folios the page cache holds (small ones made by 4 KiB writes, up
     to 2 MiB ones made by the 8 MiB readahead of a sequential read) change what a 4 KiB write
     costs in the kernel; so every side starts each sample from the same state."""
+    os.sync()
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         buf = bytearray(8 << 20)
         while read_back and os.readv(fd, [buf]):
