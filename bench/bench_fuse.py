@@ -87,30 +87,40 @@ def qcowfs_mount(image: Path, mp: Path, options: str):
 
 
 @contextlib.contextmanager
-def qemu_export(image: Path, target: Path, writable: bool):
-    target.touch()
-    proc = subprocess.Popen([
-        "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
-        "--blockdev", "driver=qcow2,node-name=qcow2,file=file",
-        "--export", f"type=fuse,id=exp,node-name=qcow2,mountpoint={target},"
-                    f"writable={'on' if writable else 'off'}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def fuse_daemon(argv: list, mountpoint: Path, name: str, stop):
+    """Run a FUSE daemon in the foreground until it has mounted ``mountpoint``; afterwards
+    ``stop(proc)`` asks it to leave, and whatever is left is killed and lazily unmounted."""
+    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: is_mounted(target) or proc.poll() is not None, what="QEMU's export")
+        wait_until(lambda: is_mounted(mountpoint) or proc.poll() is not None, what=name)
         if proc.poll() is not None:
-            raise RuntimeError(f"qemu-storage-daemon: {proc.stderr.read().strip()}")
-        yield target
+            raise RuntimeError(f"{name}: {proc.stderr.read().strip()}")
+        yield
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            stop(proc)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if is_mounted(target):
-            sh("fusermount3", "-u", "-z", target, check=False)
+        if is_mounted(mountpoint):
+            sh("fusermount3", "-u", "-z", mountpoint, check=False)
+
+
+@contextlib.contextmanager
+def qemu_export(image: Path, target: Path, writable: bool):
+    target.touch()
+    argv = ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
+            "--blockdev", "driver=qcow2,node-name=qcow2,file=file",
+            "--export", f"type=fuse,id=exp,node-name=qcow2,mountpoint={target},"
+                        f"writable={'on' if writable else 'off'}"]
+    # It does not exit on fusermount3 -u: SIGTERM.
+    with fuse_daemon(argv, target, "qemu-storage-daemon",
+                     lambda proc: proc.send_signal(signal.SIGTERM)):
+        yield target
 
 
 def fio(target: Path, rw: str, bs: str, engine: str, depth: int, size: str,
@@ -141,24 +151,10 @@ def make_overlay(d: Path, tag: str, base: Path) -> Path:
 def passthrough_mount(raw: Path, mp: Path):
     """bench/passthrough.py: the pyfuse3 ceiling, one raw file served by inline preadv/pwrite."""
     mp.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "passthrough.py"), str(raw),
-                             str(mp)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        wait_until(lambda: is_mounted(mp) or proc.poll() is not None, what="the passthrough")
-        if proc.poll() is not None:
-            raise RuntimeError(f"passthrough: {proc.stderr.read().strip()}")
+    argv = [sys.executable, REPO / "bench" / "passthrough.py", raw, mp]
+    with fuse_daemon(argv, mp, "passthrough",
+                     lambda proc: sh("fusermount3", "-u", mp, check=False)):
         yield mp / "disk"
-    finally:
-        if is_mounted(mp):
-            sh("fusermount3", "-u", mp, check=False)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if is_mounted(mp):
-            sh("fusermount3", "-u", "-z", mp, check=False)
 
 
 def reset_cache(path: Path, read_back: bool) -> None:
