@@ -120,6 +120,16 @@ def test_reads_at_any_offset_and_length(tmp_path):
             os.close(fd)
 
 
+def test_format_option_skips_probing(tmp_path):
+    """`-o format=raw` serves a qcow2 file as the raw bytes it holds, as `-f raw` does."""
+    img = create(tmp_path / "img.qcow2", "4M")
+    qemu_io(img, "write -P 0x6b 0 64k")
+    with mounted(img, tmp_path / "mnt", "ro,format=raw") as mp:
+        assert read_all(mp / "disk") == img.read_bytes()
+    with mounted(img, tmp_path / "mnt", "ro") as mp:
+        assert read_all(mp / "disk")[:65536] == b"\x6b" * 65536
+
+
 def test_read_only_mount_refuses_changes(tmp_path):
     img = _chain(tmp_path)
     with mounted(img, tmp_path / "mnt", "ro") as mp:

@@ -25,13 +25,16 @@ def test_options_fstab_style():
     assert not parse_options(["nofast_loop"]).fast_loop
     assert not parse_options(["fast_loop=off"]).fast_loop
     assert parse_options(["poll_us=0"]).poll_us == 0
+    assert parse_options([]).format is None
+    assert parse_options(["format=raw"]).format == "raw"
     assert "ro" in parse_options(["ro,nosuid"]).fuse_options("/i")
     assert "nosuid" in parse_options(["ro,nosuid"]).fuse_options("/i")
     assert "fsname=/a\\,b" in parse_options([]).fuse_options("/a,b")
     assert split_options("a,b\\,c,,d") == ["a", "b,c", "d"]
     assert parse_size("1G") == 1 << 30 and parse_size("512k") == 512 << 10
     for bad in ("frob", "uid=x", "umask=9", "zero_detect=maybe", "l2_cache_size=lots",
-                "fast_loop=sometimes", "poll_us=-3"):
+                "fast_loop=sometimes", "poll_us=-3",
+                "format=vmdk"):
         with pytest.raises(OptionError):
             parse_options([bad])
 

@@ -165,8 +165,8 @@ def open_disk(image: str, opts: MountOptions):
     kwargs = {}
     if opts.l2_cache_bytes is not None:
         kwargs["l2_cache_bytes"] = opts.l2_cache_bytes
-    return open_image(image, writable=not opts.read_only, zero_detect=opts.zero_detect,
-                      **kwargs)
+    return open_image(image, writable=not opts.read_only, format=opts.format,
+                      zero_detect=opts.zero_detect, **kwargs)
 
 
 # --- the daemon -------------------------------------------------------------------------------

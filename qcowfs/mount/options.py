@@ -30,6 +30,7 @@ class MountOptions:
     """What ``-o`` asked for. ``None`` for uid/gid means the mounting user's."""
 
     read_only: bool = False
+    format: str | None = None  # the top image's format; None probes it
     allow_other: bool = False
     allow_root: bool = False
     uid: int | None = None
@@ -169,6 +170,10 @@ def _apply(opts: MountOptions, item: str) -> None:
             raise OptionError(f"option {name}: {value!r} is not a number") from None
     elif name == "fsname":
         opts.fsname = value
+    elif name == "format":
+        if value not in ("qcow2", "raw"):
+            raise OptionError(f"option format: {value!r} is not qcow2 or raw")
+        opts.format = value
     elif name.startswith("x-") or name in ("comment", "context", "fscontext", "rootcontext"):
         return
     else:
