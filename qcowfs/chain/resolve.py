@@ -36,13 +36,14 @@ def open_layer(path: str, fmt: str | None = None, *, writable: bool = False,
                l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                open_data_file: bool = True) -> Layer:
     """Open one image file as ``fmt`` (probed when None)."""
-    if fmt is None:
+    probed = fmt is None
+    if probed:
         fmt = probe_format(path)
     if fmt == "qcow2":
         return Qcow2Image.open(path, writable=writable, l2_cache_bytes=l2_cache_bytes,
                                open_data_file=open_data_file)
     if fmt == "raw":
-        return RawImage.open(path, writable=writable)
+        return RawImage.open(path, writable=writable, probed=probed)
     raise UnsupportedError(path, f"unsupported image format {fmt!r}")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import os
 
-from qcowfs.errors import HostIOError, ReadOnlyError
+from qcowfs.errors import HostIOError, ImageError, ReadOnlyError
+from qcowfs.format.probe import PROBE_SIZE, announced_format
 from qcowfs.format.tables import ClusterKind
 from qcowfs.image.hostfile import HostFile
 from qcowfs.image.qcow2 import Extent, FillFn, zero_fill
@@ -14,14 +15,16 @@ from qcowfs.image.qcow2 import Extent, FillFn, zero_fill
 class RawImage:
     format = "raw"
 
-    def __init__(self, path: str, file: HostFile):
+    def __init__(self, path: str, file: HostFile, *, probed: bool = False):
         self.path = path
         self.file = file
         self.writable = file.writable
+        #: The format was probed, not given: writes must not make it probe as another one.
+        self.probed = probed
 
     @classmethod
-    def open(cls, path: str, *, writable: bool = False) -> RawImage:
-        return cls(path, HostFile(path, writable))
+    def open(cls, path: str, *, writable: bool = False, probed: bool = False) -> RawImage:
+        return cls(path, HostFile(path, writable), probed=probed)
 
     @property
     def size(self) -> int:
@@ -66,7 +69,23 @@ class RawImage:
     def write(self, offset: int, data: bytes) -> None:
         if not self.writable:
             raise ReadOnlyError(self.path, "image is open read-only")
+        if self.probed and offset < PROBE_SIZE and len(data):
+            self._check_first_sector(offset, data)
         self.file.write(offset, data)
+
+    def _check_first_sector(self, offset: int, data) -> None:
+        """Refuse a write that would make the first sector announce another format (QEMU's
+        rule for probed raw images; see qcowfs.format.probe)."""
+        sector = bytearray(self.file.read(0, PROBE_SIZE).ljust(PROBE_SIZE, b"\0"))
+        view = memoryview(data).cast("B")
+        part = view[:PROBE_SIZE - offset]
+        sector[offset:offset + len(part)] = part
+        fmt = announced_format(bytes(sector))
+        if fmt is not None:
+            raise ImageError(self.path, f"write to the first sector refused: the image would "
+                                        f"look like a {fmt} image (its format was probed; "
+                                        f"give the format raw to allow this)",
+                             errno=errno.EPERM)
 
     def flush(self) -> None:
         self.file.sync()
