@@ -12,7 +12,7 @@ from qcowfs.chain.resolve import probe_format
 from qcowfs.image.check import FIX_ALL, FIX_LEAKS, CheckResult, check_image
 from qcowfs.image.qcow2 import Qcow2Image
 
-from .common import add_output, print_json
+from .common import add_force_share, add_output, add_probed_format, print_json
 from .main import CommandError
 
 EXIT_NOT_COMPLETED = 1
@@ -26,13 +26,12 @@ def register(sub) -> None:
                        description="Check a qcow2 image, as `qemu-img check` does. Exit 0: "
                                    "consistent, 1: check not completed, 2: corrupted, 3: leaked "
                                    "clusters only, 63: the format has no checks.")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="image format (probed)")
+    add_probed_format(p)
     p.add_argument("-r", dest="repair", choices=("leaks", "all"),
                    help="repair leaks only, or all errors (refcounts, COPIED flags)")
     add_output(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    p.add_argument("-U", "--force-share", action="store_true",
-                   help="check even when another process holds the image (no repair)")
+    add_force_share(p, "check even when another process holds the image (no repair)")
     p.add_argument("file")
     p.set_defaults(func=run, error_code=EXIT_NOT_COMPLETED)
 

@@ -56,6 +56,16 @@ def parse_options(texts: list[str] | None) -> dict[str, str]:
     return out
 
 
+def add_probed_format(parser: argparse.ArgumentParser, what: str = "image format") -> None:
+    """``-f qcow2|raw``; without it the format is probed."""
+    parser.add_argument("-f", dest="format", choices=("qcow2", "raw"), help=f"{what} (probed)")
+
+
+def add_force_share(parser: argparse.ArgumentParser, help: str) -> None:
+    """``-U``/``--force-share``, qemu-img's: go on although another process holds the image."""
+    parser.add_argument("-U", "--force-share", action="store_true", help=help)
+
+
 def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", choices=("human", "json"), default="human",
                         help="output format (default: human)")

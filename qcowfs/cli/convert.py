@@ -11,7 +11,7 @@ from qcowfs.chain.locks import lock_chain, refuse_if_in_use
 from qcowfs.chain.resolve import backing_path, open_chain, probe_format
 from qcowfs.image.create import validate
 
-from .common import parse_options
+from .common import add_force_share, add_probed_format, parse_options
 from .create import QCOW2_OPTIONS, qcow_options
 from .main import CommandError
 from .progress import progress_bar
@@ -22,7 +22,7 @@ def register(sub) -> None:
                        description="Convert an image, as `qemu-img convert` does: raw output "
                                    "is sparse; qcow2 output may be compressed (-c) or stored "
                                    "as the difference from a backing file (-B).")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="source format (probed)")
+    add_probed_format(p, "source format")
     p.add_argument("-O", dest="out_format", choices=("qcow2", "raw"), default="raw",
                    help="output format (default: raw)")
     p.add_argument("-c", dest="compress", action="store_true",
@@ -38,8 +38,7 @@ def register(sub) -> None:
                         "snapshot.name=NAME)")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    p.add_argument("-U", "--force-share", action="store_true",
-                   help="read the source even when another process holds it")
+    add_force_share(p, "read the source even when another process holds it")
     p.add_argument("source")
     p.add_argument("dest")
     p.set_defaults(func=run)

@@ -7,18 +7,24 @@ import time
 
 from qcowfs.chain.info import describe
 
-from .common import add_output, dump_human, print_json, size_to_str
+from .common import (
+    add_force_share,
+    add_output,
+    add_probed_format,
+    dump_human,
+    print_json,
+    size_to_str,
+)
 
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="show an image's format, size, backing file and snapshots",
                        description="Show what an image is, as `qemu-img info` does.")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="image format (probed)")
+    add_probed_format(p)
     p.add_argument("--backing-chain", action="store_true",
                    help="describe every image of the backing chain, top first")
     add_output(p)
-    p.add_argument("-U", "--force-share", action="store_true",
-                   help="read even when another process holds the image")
+    add_force_share(p, "read even when another process holds the image")
     p.add_argument("file")
     p.set_defaults(func=run)
 

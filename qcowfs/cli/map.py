@@ -11,17 +11,16 @@ from qcowfs.chain.resolve import open_chain
 from qcowfs.image.info import full_backing_filename
 from qcowfs.image.qcow2 import Qcow2Image
 
-from .common import add_output
+from .common import add_force_share, add_output, add_probed_format
 from .main import CommandError
 
 
 def register(sub) -> None:
     p = sub.add_parser("map", help="show which layer holds each guest range, and where",
                        description="Show the image's allocation map, as `qemu-img map` does.")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="image format (probed)")
+    add_probed_format(p)
     add_output(p)
-    p.add_argument("-U", "--force-share", action="store_true",
-                   help="read even when another process holds the image")
+    add_force_share(p, "read even when another process holds the image")
     p.add_argument("file")
     p.set_defaults(func=run)
 

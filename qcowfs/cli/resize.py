@@ -6,7 +6,7 @@ import argparse
 
 from qcowfs.chain.disk import open_image
 
-from .common import parse_size
+from .common import add_probed_format, parse_size
 from .main import CommandError
 
 
@@ -15,7 +15,7 @@ def register(sub) -> None:
                        description="Change an image's virtual size, as `qemu-img resize` does. "
                                    "SIZE may be relative (+SIZE, -SIZE); write `--` before a "
                                    "negative size.")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="image format (probed)")
+    add_probed_format(p)
     p.add_argument("--shrink", action="store_true",
                    help="allow shrinking (what lies past the new end is lost)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")

@@ -6,6 +6,7 @@ import argparse
 
 from qcowfs.chain.disk import open_image
 
+from .common import add_force_share
 from .info import snapshot_header, snapshot_row
 from .main import CommandError
 
@@ -22,8 +23,7 @@ def register(sub) -> None:
     what.add_argument("-d", dest="delete", metavar="SNAPSHOT", help="delete a snapshot")
     p.add_argument("-f", dest="format", choices=("qcow2",), help="image format")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    p.add_argument("-U", "--force-share", action="store_true",
-                   help="list even when another process holds the image")
+    add_force_share(p, "list even when another process holds the image")
     p.add_argument("file")
     p.set_defaults(func=run)
 
