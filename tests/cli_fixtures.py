@@ -6,6 +6,7 @@ data files sit next to it). Small sizes keep the suite fast.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,3 +173,15 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "raw": _raw,
     "relative_subdir": _relative_subdir,
 }
+
+
+def build_samples(d: Path, names=None) -> dict[str, Path]:
+    """Build the named sample images (all when ``names`` is None) in ``d``, working from
+    ``d``: qemu-img names external data files relative to its working directory, and qcowfs
+    looks for them beside the image."""
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        return {name: BUILDERS[name](d) for name in (names or BUILDERS)}
+    finally:
+        os.chdir(old)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
-from cli_fixtures import BUILDERS
+from cli_fixtures import build_samples
 from cli_helpers import qcowfs
 from qemutools import create, qemu_img, qemu_io
 
@@ -18,12 +17,7 @@ SAMPLE = ["plain", "chain_raw_base", "chain_longer_backing", "snapshots", "compr
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("cmp-images")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        return d, {name: BUILDERS[name](d) for name in SAMPLE}
-    finally:
-        os.chdir(old)
+    return d, build_samples(d, SAMPLE)
 
 
 @pytest.fixture

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from cli_fixtures import BUILDERS
+from cli_fixtures import build_samples
 from cli_helpers import qcowfs
 from qemutools import assert_check_clean, create, qemu_img, qemu_io
 
@@ -28,12 +27,7 @@ QCOW2_MODES = [
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("conv-images")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        return d, {name: BUILDERS[name](d) for name in SOURCES}
-    finally:
-        os.chdir(old)
+    return d, build_samples(d, SOURCES)
 
 
 @pytest.fixture

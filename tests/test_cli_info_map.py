@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from cli_fixtures import BUILDERS
+from cli_fixtures import BUILDERS, build_samples
 from cli_helpers import qcowfs
 from qemutools import qemu_img
 
@@ -14,14 +13,7 @@ from qemutools import qemu_img
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli-images")
-    # qemu-img names external data files relative to the working directory: build and
-    # inspect from the images' own folder, where qcowfs looks for them.
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        built = {name: build(d) for name, build in BUILDERS.items()}
-    finally:
-        os.chdir(old)
+    built = build_samples(d)
     return d, built
 
 
