@@ -3,6 +3,8 @@
 #   make demo   mount a sample chain, show it off, unmount
 #   make bench  fio through qcowfs beside qemu-storage-daemon (see docs/performance.md)
 #   make bench-engine  the library's reads and writes against os.pread/os.pwrite
+#   make fuzz   mutate QEMU-made images for FUZZ_SECONDS (FUZZ_SEED=) through every command
+#   make crash  CRASH_RUNS SIGKILL runs over the writing operations, judged by qemu-img check
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,8 +15,12 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gc
                 python3-dev python3-venv
 BENCH_APT_PACKAGES := fio qemu-system-common
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 60
+FUZZ_SEED ?= 1
+CRASH_RUNS ?= 200
+CRASH_SEED ?= 1
 
-.PHONY: all test lint system-deps bench-deps venv demo bench bench-engine clean install-helper
+.PHONY: all test lint system-deps bench-deps venv demo bench bench-engine fuzz crash clean install-helper
 
 all: test
 
@@ -34,7 +40,7 @@ $(VENV)/.stamp: pyproject.toml
 venv: $(VENV)/.stamp
 
 lint: venv
-	$(VENV)/bin/ruff check qcowfs tests $(wildcard bench)
+	$(VENV)/bin/ruff check qcowfs tests fuzz $(wildcard bench)
 	$(VENV)/bin/lint-imports
 
 test: system-deps venv lint
@@ -49,6 +55,12 @@ bench: system-deps bench-deps venv
 bench-engine: system-deps venv
 	$(VPY) bench/bench_read.py
 	$(VPY) bench/bench_write.py
+
+fuzz: system-deps venv
+	PYTHONPATH=. $(VPY) -m fuzz.campaign --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
+
+crash: system-deps venv
+	PYTHONPATH=. $(VPY) -m fuzz.crash --runs $(CRASH_RUNS) --seed $(CRASH_SEED)
 
 # mount(8) finds helpers only in /sbin: `mount -t fuse.qcowfs` and fstab lines need this link.
 install-helper: venv

@@ -1,0 +1,114 @@
+"""``make fuzz``: mutate QEMU-made seeds for FUZZ_SECONDS and run every mutant through the
+library and the commands (and, every FUZZ_MOUNT_EVERY-th mutant, a read-only mount).
+
+    python -m fuzz.campaign [--seconds N] [--seed N] [--out DIR] [--kinds a,b] [--mount-every N]
+
+Prints mutants per second and each new find (seed kind, the patches, the step, what
+happened); writes every find with its mutant to DIR/finds.jsonl and DIR/find-N/. Exits 1 when
+anything was found. A hang is confirmed by running that step again alone with three times
+the limit, so a loaded machine does not report noise."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fuzz.mutate import Mutator, apply, parse
+from fuzz.runner import Find, mount_case, run_case
+from fuzz.seeds import SEEDS, TOP, build_seed
+
+
+def confirmed(case: Path, find: Find, limit: float) -> bool:
+    if find.kind != "hang" or find.step.startswith("mount"):
+        return True
+    steps = [find.step] if find.step != "check-after" else ["check-r-all", "check-after"]
+    again = run_case(case, steps, limit * 3)
+    return any(f.kind == "hang" for f in again.finds)
+
+
+def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every: int,
+             limit: float, log=print) -> dict:
+    """Run for ``seconds``; returns the summary (mutants, rate, finds)."""
+    rng = random.Random(seed)
+    mutator = Mutator(rng)
+    seeds = {k: build_seed(k) for k in kinds}
+    layouts = {k: parse((seeds[k] / TOP).read_bytes()) for k in kinds}
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="case-", dir=out))
+    seen: dict[tuple, int] = {}
+    finds: list[dict] = []
+    n = mounts = 0
+    start = time.monotonic()
+    last_report = start
+    try:
+        while time.monotonic() - start < seconds:
+            kind = rng.choice(kinds)
+            lay = layouts[kind]
+            patches = mutator.mutate(lay)
+            case = work / "case"
+            shutil.rmtree(case, ignore_errors=True)
+            shutil.copytree(seeds[kind], case)
+            (case / TOP).write_bytes(apply(lay.data, patches))
+            result = run_case(case, limit=limit)
+            new = [f for f in result.finds if f.key() not in seen]
+            if mount_every and n % mount_every == 0 and not result.finds:
+                mounts += 1
+                new += [f for f in mount_case(case, limit) if f.key() not in seen]
+            n += 1
+            for f in new:
+                if not confirmed(case, f, limit):
+                    continue
+                seen[f.key()] = len(finds)
+                row = {"seed": kind, "patches": [p.as_row() for p in patches], "step": f.step,
+                       "kind": f.kind, "detail": f.detail[-3000:], "mutant": n}
+                finds.append(row)
+                keep = out / f"find-{len(finds)}"
+                shutil.rmtree(keep, ignore_errors=True)
+                shutil.copytree(case, keep, ignore=shutil.ignore_patterns("mnt", "out.raw"))
+                with open(out / "finds.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                last = [ln for ln in f.detail.strip().splitlines() if ln.strip()][-1:] or [""]
+                log(f"FIND {len(finds)}: seed={kind} step={f.step} kind={f.kind} "
+                    f"patches={row['patches']} :: {last[0].strip()[:200]}")
+            now = time.monotonic()
+            if now - last_report > 60:
+                log(f"{n} mutants, {n / (now - start):.1f}/s, {mounts} mounts, "
+                    f"{len(finds)} finds")
+                last_report = now
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.monotonic() - start
+    summary = {"mutants": n, "seconds": round(elapsed, 1), "per_second": round(n / elapsed, 2),
+               "mounts": mounts, "finds": len(finds), "seed": seed}
+    log(f"fuzz: {n} mutants in {elapsed:.0f} s ({n / elapsed:.1f}/s), {mounts} mounts, "
+        f"{len(finds)} finds (seed {seed}; details in {out}/finds.jsonl)")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fuzz")
+    ap.add_argument("--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", 60)))
+    ap.add_argument("--seed", type=int, default=int(os.environ.get("FUZZ_SEED", 1)))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--kinds", default=os.environ.get("FUZZ_KINDS", ""))
+    ap.add_argument("--mount-every", type=int, default=int(os.environ.get("FUZZ_MOUNT_EVERY", 25)))
+    ap.add_argument("--limit", type=float, default=float(os.environ.get("FUZZ_CASE_SECONDS", 2)))
+    args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k] or list(SEEDS)
+    out = args.out or Path(tempfile.gettempdir()) / f"qcowfs-fuzz-{args.seed}"
+    if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        args.mount_every = 0
+    summary = campaign(args.seconds, args.seed, out, kinds, args.mount_every, args.limit,
+                       log=lambda s: print(s, flush=True))
+    return 1 if summary["finds"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
