@@ -34,8 +34,9 @@ def confirmed(case: Path, find: Find, limit: float) -> bool:
 
 
 def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every: int,
-             limit: float, log=print) -> dict:
-    """Run for ``seconds``; returns the summary (mutants, rate, finds)."""
+             limit: float, log=print, count: int | None = None) -> dict:
+    """Run for ``seconds`` (or ``count`` mutants: the same ones for the same seed); returns
+    the summary (mutants, rate, finds, and the finds themselves under "rows")."""
     rng = random.Random(seed)
     mutator = Mutator(rng)
     seeds = {k: build_seed(k) for k in kinds}
@@ -48,7 +49,7 @@ def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every
     start = time.monotonic()
     last_report = start
     try:
-        while time.monotonic() - start < seconds:
+        while (n < count) if count is not None else (time.monotonic() - start < seconds):
             kind = rng.choice(kinds)
             lay = layouts[kind]
             patches = mutator.mutate(lay)
@@ -86,7 +87,7 @@ def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - start
     summary = {"mutants": n, "seconds": round(elapsed, 1), "per_second": round(n / elapsed, 2),
-               "mounts": mounts, "finds": len(finds), "seed": seed}
+               "mounts": mounts, "finds": len(finds), "seed": seed, "rows": finds}
     log(f"fuzz: {n} mutants in {elapsed:.0f} s ({n / elapsed:.1f}/s), {mounts} mounts, "
         f"{len(finds)} finds (seed {seed}; details in {out}/finds.jsonl)")
     return summary

@@ -14,6 +14,7 @@ import faulthandler
 import io
 import os
 import random
+import re
 import resource
 import select
 import shutil
@@ -53,12 +54,18 @@ class Find:
 
     def key(self) -> tuple[str, str, str]:
         """Two finds with the same key are taken as the same bug: the step, the kind and the
-        innermost qcowfs frame of the traceback."""
-        frames = [ln.strip() for ln in self.detail.splitlines() if "qcowfs/" in ln]
+        innermost qcowfs function (file and name, no line number) that is not a lookup helper,
+        so one hot loop is one find whichever line the limit caught it on."""
+        frames = re.findall(r'File "[^"]*/(qcowfs/[^"]+)", line \d+,? in (\w+)', self.detail)
         if not frames:
             return (self.step, self.kind, self.detail[-120:])
-        # faulthandler (hangs) prints the innermost frame first, tracebacks print it last
-        return (self.step, self.kind, frames[0] if self.kind == "hang" else frames[-1])
+        if self.kind == "hang":  # faulthandler prints the innermost frame first
+            frames.reverse()
+        owners = [f for f in frames if not f[0].endswith(HELPERS)] or frames
+        return (self.step, self.kind, ":".join(owners[-1]))
+
+
+HELPERS = ("refcount_read.py", "cache.py", "hostfile.py", "tables.py", "compression.py")
 
 
 @dataclass
