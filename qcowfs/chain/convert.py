@@ -100,7 +100,7 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
                     progress(min(cs, size - off))
         writer.finish()
     finally:
-        writer.close()
+        writer.abandon()
 
 
 def _cluster_ranges(runs, cs: int) -> Iterator[tuple[int, int]]:

@@ -6,15 +6,20 @@ byte-contiguously as QEMU packs them) is appended at the end of the file, the L2
 at the end, then the L1 entries are written. Refcounts come last and from the metadata itself:
 the walk tallies every reference, and the refcount blocks are rewritten from that tally (or, when
 the image outgrew its first refcount block, rebuilt by the check/repair code). Nothing points at
-a cluster before it is written; an interrupted convert leaves a file to delete, never a wrong
-one that looks complete.
+a cluster before it is written.
+
+The image is built under a temporary name next to the destination (``.NAME.partial-PID``) and
+renamed over it only once it is complete and durable: a fresh header is a valid empty image, so
+building in place would leave an interrupted convert looking whole (the crash campaign found
+that). An interrupted convert leaves the partial file to delete and the destination as it was.
 """
 
 from __future__ import annotations
 
+import os
 from array import array
 
-from qcowfs.errors import ImageError
+from qcowfs.errors import HostIOError, ImageError
 from qcowfs.format.compression import compress_cluster
 from qcowfs.format.tables import (
     COPIED,
@@ -39,9 +44,17 @@ class SequentialQcow2Writer:
     def __init__(self, path: str, options: QcowOptions, *, compress: bool = False):
         if options.data_file:
             raise ImageError(path, "writing into an external data file is not supported here")
-        create_qcow2(path, QcowOptions(**{**options.__dict__, "preallocation": "off"}))
         self.path = path
-        self.image = Qcow2Image.open(path, writable=True, open_data_file=False)
+        self.partial = os.path.join(os.path.dirname(path) or ".",
+                                    f".{os.path.basename(path)}.partial-{os.getpid()}")
+        create_qcow2(self.partial,
+                     QcowOptions(**{**options.__dict__, "preallocation": "off"}))
+        try:
+            self.image = Qcow2Image.open(self.partial, writable=True, open_data_file=False)
+        except BaseException:
+            _unlink(self.partial)
+            raise
+        self._done = False
         h = self.image.header
         self.cs = self.image.cluster_size
         self.version = h.version
@@ -110,6 +123,12 @@ class SequentialQcow2Writer:
         img.l2_cache.clear()
         self._write_refcounts()
         self.close()
+        try:
+            os.replace(self.partial, self.path)
+            _sync_dir(os.path.dirname(self.path) or ".")
+        except OSError as exc:
+            raise HostIOError.from_oserror(self.path, exc, "cannot rename the output") from None
+        self._done = True
 
     def _write_refcounts(self) -> None:
         img = self.image
@@ -141,3 +160,24 @@ class SequentialQcow2Writer:
         if not self._closed:
             self._closed = True
             self.image.close()
+
+    def abandon(self) -> None:
+        """Close, and remove the partial image unless ``finish`` completed."""
+        self.close()
+        if not self._done:
+            _unlink(self.partial)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
