@@ -67,8 +67,10 @@ def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every
                 if not confirmed(case, f, limit):
                     continue
                 seen[f.key()] = len(finds)
+                # faulthandler prints the innermost frame first, a traceback last
+                detail = f.detail[:3000] if f.kind == "hang" else f.detail[-3000:]
                 row = {"seed": kind, "patches": [p.as_row() for p in patches], "step": f.step,
-                       "kind": f.kind, "detail": f.detail[-3000:], "mutant": n}
+                       "kind": f.kind, "where": f.key()[2], "detail": detail, "mutant": n}
                 finds.append(row)
                 keep = out / f"find-{len(finds)}"
                 shutil.rmtree(keep, ignore_errors=True)
@@ -77,7 +79,7 @@ def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every
                     fh.write(json.dumps(row) + "\n")
                 last = [ln for ln in f.detail.strip().splitlines() if ln.strip()][-1:] or [""]
                 log(f"FIND {len(finds)}: seed={kind} step={f.step} kind={f.kind} "
-                    f"patches={row['patches']} :: {last[0].strip()[:200]}")
+                    f"where={row['where']} patches={row['patches']} :: {last[0].strip()[:200]}")
             now = time.monotonic()
             if now - last_report > 60:
                 log(f"{n} mutants, {n / (now - start):.1f}/s, {mounts} mounts, "

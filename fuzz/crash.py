@@ -5,7 +5,7 @@ Each run builds fresh images with qemu-img/qemu-io, then runs one operation in a
 process: COW writes with flushes, discard, snapshot create/delete/apply, commit, rebase (safe
 and ``-u``), resize grow and shrink, convert to qcow2, ``check -r all``. The child counts the
 calls that change files (pwrite, pwritev, write, fsync, ftruncate, replace, unlink) and, at
-the call the parent picked at random from a calibration run's count, announces the kill
+the call the parent picked at random (1 to the count of a run on a copy, plus one), announces the kill
 point (``K n call``) and kills itself with SIGKILL, so every step of the operation is a
 possible kill point. Judged afterwards: ``qemu-img check`` finds no corruption (leaks
 allowed; an image left dirty is first repaired by a qcowfs read/write open, as QEMU would),
