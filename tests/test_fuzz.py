@@ -25,6 +25,8 @@ from fuzz.seeds import SEEDS as SEED_KINDS
 from fuzz.seeds import TOP, build_seed
 from tests import qemutools as q
 
+pytestmark = pytest.mark.fuzz
+
 ISSUE_11 = pytest.mark.xfail(strict=True, reason="issue 11: bounded metadata passes")
 REPO = Path(__file__).resolve().parent.parent
 PERF_FILES = ("image/check.py", "image/walk.py", "image/refcount_read.py",
