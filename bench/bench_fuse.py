@@ -384,6 +384,9 @@ def main() -> int:
     print()
     print(dio_text)
     doc = REPO / "docs" / "performance.md"
+    # make bench-cli's section stays as it is
+    kept = doc.read_text().partition("## Offline commands: `make bench-cli`")
+    cli_section = "\n" + kept[1] + kept[2] if kept[1] else ""
     doc.write_text(
         "# qcowfs performance\n\n"
         "Written by `make bench` (`bench/bench_fuse.py`): fio through qcowfs beside "
@@ -413,7 +416,8 @@ def main() -> int:
         "qcowfs's own FUSE direct I/O switch (`-o direct_io=on`, the default, against "
         "`direct_io=off`) for buffered I/O, same samples and medians; with `off` the kernel "
         "page cache serves repeated reads:\n\n"
-        f"{dio_text}\n\nWhere the time goes: see docs/mount.md, \"Performance\".\n")
+        f"{dio_text}\n\nWhere the time goes: see docs/mount.md, \"Performance\".\n"
+        f"{cli_section}")
     print(f"\nwrote {doc}")
     return 0
 
