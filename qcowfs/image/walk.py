@@ -40,6 +40,12 @@ class Defect:
     kind: str  # "corruption" (more kinds may follow)
     message: str
     offset: int = 0  # host offset it concerns, when there is one
+    #: how check prints it (qemu-img's own wording, where it has one)
+    prefix: str = "ERROR "
+
+    @property
+    def line(self) -> str:
+        return self.prefix + self.message
 
 
 @dataclass
@@ -60,7 +66,8 @@ class Tally:
     counts: array  # array('Q'), one entry per cluster of the file (and beyond, if referenced)
     defects: list[Defect] = field(default_factory=list)
     stats: ActiveStats = field(default_factory=ActiveStats)
-    #: clusters referenced past the end of the file (index -> count)
+    #: clusters referenced past the end of the file (index -> count); only a reference that
+    #: ends less than one cluster past the end counts (QEMU's rule), so this stays tiny
     beyond_eof: dict[int, int] = field(default_factory=dict)
 
     def expected(self, index: int) -> int:
@@ -81,24 +88,34 @@ class Tally:
 
 
 class _Walker:
-    def __init__(self, image: Qcow2Image, *, max_clusters_beyond_eof: int = 1 << 20):
+    def __init__(self, image: Qcow2Image):
         self.image = image
         self.h = image.header
         self.cs = image.cluster_size
         self.file = image.file
-        self.file_clusters = -(-self.file.refresh_size() // self.cs)
+        self.file_size = self.file.refresh_size()
+        self.file_clusters = -(-self.file_size // self.cs)
         self.tally = Tally(self.cs, array("Q", bytes(8 * self.file_clusters)))
-        self.max_beyond = max_clusters_beyond_eof
         self._next_host = 0
 
     def defect(self, message: str, offset: int = 0) -> None:
         self.tally.defects.append(Defect(CORRUPTION, message, offset))
 
     def ref(self, offset: int, length: int, what: str) -> None:
-        """+1 for every cluster overlapping [offset, offset + length)."""
+        """+1 for every cluster overlapping [offset, offset + length).
+
+        A region that ends one cluster or more past the end of the file is one error and is
+        not counted (QEMU's rule): the work stays bounded by the file, whatever the entry
+        claims."""
         if length <= 0:
             return
         cs = self.cs
+        if offset + length - self.file_size >= cs:
+            self.tally.defects.append(Defect(
+                CORRUPTION, f"counting reference for region exceeding the end of the file by "
+                            f"one cluster or more: offset {offset:#x} size {length:#x}",
+                offset, prefix="ERROR: "))
+            return
         first = offset // cs
         last = (offset + length - 1) // cs
         counts = self.tally.counts
@@ -107,9 +124,6 @@ class _Walker:
                 counts[i] += 1
             else:
                 beyond = self.tally.beyond_eof
-                if len(beyond) >= self.max_beyond:
-                    self.defect(f"too many references past the end of the file ({what})", i * cs)
-                    return
                 beyond[i] = beyond.get(i, 0) + 1
 
     def read_table(self, offset: int, nbytes: int, what: str) -> array | None:
@@ -117,6 +131,12 @@ class _Walker:
             self.defect(f"{what} at offset {offset} lies past the end of the file", offset)
             return None
         return decode_u64_table(self.file.read(offset, nbytes))
+
+    def read_l2(self, offset: int) -> array:
+        """An L2 table; the part past the end of the file reads as zeros, as QEMU reads it."""
+        size = self.file.size
+        raw = self.file.read(offset, max(0, min(self.cs, size - offset)))
+        return decode_u64_table(raw + bytes(self.cs - len(raw)))
 
     # --- pieces -----------------------------------------------------------------------------
 
@@ -165,9 +185,8 @@ class _Walker:
                 # QEMU counts the (two) clusters the misplaced table covers and still reads it
                 self.defect(f"{what}: L2 table at unaligned offset {l2_off}", l2_off)
             self.ref(l2_off, self.cs, "L2 table")
-            table = self.read_table(l2_off, self.cs, "L2 table")
-            if table is not None:
-                self.walk_l2(table, l2_off, active)
+            if l2_off < self.file_size:
+                self.walk_l2(self.read_l2(l2_off), l2_off, active)
 
     def walk_l2(self, table: array, l2_off: int, active: bool) -> None:
         img = self.image
@@ -177,6 +196,7 @@ class _Walker:
         data_file = img.has_data_file
         stats = self.tally.stats
         layout = img.compressed
+        self._next_host = 0  # QEMU counts fragmentation within each L2 table
         for j in range(0, len(table), step):
             entry = table[j]
             if not entry and (not extended or not table[j + 1]):

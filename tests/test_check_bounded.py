@@ -1,0 +1,168 @@
+"""Bounded work in check and map on hostile images: references far past the end of the file
+(up to 2^56) cost one error each, as in qemu-img, not a loop or a table as long as the
+reference claims. Each image is a qemu-img image patched with struct at test time; each run is
+a subprocess under a wall-time and an address-space limit, so a hang or a runaway allocation
+fails the test instead of stalling the suite."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cli_helpers import REPO
+from qemutools import create, poke, qemu_img, qemu_io
+
+COPIED = 1 << 63
+MEMORY_LIMIT = 1 << 30
+LIMIT_S = 30
+
+
+def u64(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def base(d: Path) -> Path:
+    p = create(d / "img.qcow2", "1G")
+    qemu_io(p, "write -P 1 0 128k")
+    return p
+
+
+def l1_offset(p: Path) -> int:
+    return u64(p, 40)
+
+
+def l2_offset(p: Path) -> int:
+    return u64(p, l1_offset(p)) & 0x00FFFFFFFFFFFE00
+
+
+def data_at_2_55(d: Path) -> Path:
+    p = base(d)
+    poke(p, l2_offset(p) + 8, struct.pack(">Q", COPIED | 1 << 55))
+    return p
+
+
+def data_past_eof(d: Path) -> Path:
+    p = base(d)
+    poke(p, l2_offset(p) + 16, struct.pack(">Q", COPIED | 100 << 16))
+    return p
+
+
+def l2_at_2_55(d: Path) -> Path:
+    p = base(d)
+    poke(p, l1_offset(p) + 8, struct.pack(">Q", COPIED | 1 << 55))
+    return p
+
+
+def l2_past_eof(d: Path) -> Path:
+    p = base(d)
+    poke(p, l1_offset(p) + 8, struct.pack(">Q", COPIED | 200 << 16))
+    return p
+
+
+def many_far_references(d: Path) -> Path:
+    """A whole L2 table of entries far past the end: 8192 errors, each counted once."""
+    p = base(d)
+    table = b"".join(struct.pack(">Q", COPIED | (1 << 55) + (i << 16)) for i in range(8192))
+    poke(p, l2_offset(p), table)
+    return p
+
+
+CASES: dict[str, Callable[[Path], Path]] = {
+    "data_at_2_55": data_at_2_55,
+    "data_past_eof": data_past_eof,
+    "l2_at_2_55": l2_at_2_55,
+    "l2_past_eof": l2_past_eof,
+    "many_far_references": many_far_references,
+}
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def ours(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qcowfs", *map(str, args)], capture_output=True,
+                          text=True, timeout=LIMIT_S, preexec_fn=_limit_memory,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    src = CASES[name](tmp_path)
+    theirs, mine = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, mine)
+    return theirs, mine
+
+
+def report(stdout: str) -> dict:
+    out = json.loads(stdout)
+    out.pop("filename", None)
+    return out
+
+
+@pytest.mark.timeout(2 * LIMIT_S)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_check_counts_far_references_once_like_qemu_img(tmp_path, name):
+    theirs, mine = pair(tmp_path, name)
+    t = qemu_img("check", "--output=json", str(theirs), check=False)
+    o = ours("check", "--output=json", mine)
+    assert "Traceback" not in o.stderr
+    assert o.returncode == t.returncode
+    assert report(o.stdout) == report(t.stdout.decode())
+    # the same lines on stderr, in the same order
+    assert o.stderr.splitlines() == t.stderr.decode().splitlines()
+
+
+@pytest.mark.timeout(4 * LIMIT_S)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_repair_of_far_references_is_bounded_and_no_worse(tmp_path, name):
+    theirs, mine = pair(tmp_path, name)
+    qemu_img("check", "-r", "all", str(theirs), check=False)
+    o = ours("check", "-r", "all", mine)
+    assert "Traceback" not in o.stderr
+    t_after = qemu_img("check", "--output=json", str(theirs), check=False)
+    o_after = qemu_img("check", "--output=json", str(mine), check=False)
+    assert o_after.returncode <= t_after.returncode
+    assert (report(o_after.stdout.decode()).get("corruptions", 0)
+            <= report(t_after.stdout.decode()).get("corruptions", 0))
+
+
+@pytest.mark.timeout(2 * LIMIT_S)
+@pytest.mark.parametrize("name", ["data_at_2_55", "data_past_eof", "many_far_references"])
+def test_map_of_far_references_like_qemu_img(tmp_path, name):
+    theirs, mine = pair(tmp_path, name)
+    t = qemu_img("map", "--output=json", str(theirs))
+    o = ours("map", "--output=json", mine)
+    assert o.returncode == 0, o.stderr
+    assert json.loads(o.stdout) == json.loads(t.stdout)
+
+
+@pytest.mark.timeout(2 * LIMIT_S)
+@pytest.mark.parametrize("name", ["l2_at_2_55", "l2_past_eof"])
+def test_map_of_an_l2_table_past_the_end_is_one_error_line(tmp_path, name):
+    """The read path refuses an L2 table outside the file (qemu-img reads it as zeros)."""
+    _, mine = pair(tmp_path, name)
+    o = ours("map", "--output=json", mine)
+    assert o.returncode == 1
+    assert "Traceback" not in o.stderr
+    assert o.stderr.startswith("qcowfs: ") and len(o.stderr.splitlines()) == 1
+
+
+def test_fragmentation_is_counted_per_l2_table_like_qemu_img(tmp_path):
+    """Metadata preallocation puts each L2 table between the data runs it maps: QEMU counts
+    fragmentation within an L2 table only, so the image is 0.00% fragmented."""
+    p = create(tmp_path / "pre.qcow2", "2G", preallocation="metadata")
+    t = qemu_img("check", "--output=json", str(p))
+    o = ours("check", "--output=json", p)
+    assert o.returncode == 0
+    assert report(o.stdout) == report(t.stdout.decode())
+    assert report(o.stdout).get("fragmented-clusters", 0) == 0
