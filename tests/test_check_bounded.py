@@ -89,9 +89,23 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
-def ours(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qcowfs", *map(str, args)], capture_output=True,
-                          text=True, timeout=LIMIT_S, preexec_fn=_limit_memory,
+#: the qcowfs command in a fresh interpreter, with the whole-table threshold given first
+RUN = ("import sys; from qcowfs.image import scanmode; "
+       "scanmode.WHOLE_TABLE_MIN_CLUSTERS = int(sys.argv[1]); "
+       "from qcowfs.cli.main import main; sys.exit(main(sys.argv[2:]))")
+
+
+@pytest.fixture(params=["per-entry", "whole-table"])
+def scan(request) -> int:
+    """Every case twice: the per-entry passes and the numpy whole-table passes (the
+    threshold, in clusters, that ``ours`` runs with)."""
+    return 0 if request.param == "whole-table" else 1 << 62
+
+
+def ours(scan: int, *args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RUN, str(scan), *map(str, args)],
+                          capture_output=True, text=True, timeout=LIMIT_S,
+                          preexec_fn=_limit_memory,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
@@ -111,10 +125,10 @@ def report(stdout: str) -> dict:
 
 @pytest.mark.timeout(2 * LIMIT_S)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_check_counts_far_references_once_like_qemu_img(tmp_path, name):
+def test_check_counts_far_references_once_like_qemu_img(tmp_path, name, scan):
     theirs, mine = pair(tmp_path, name)
     t = qemu_img("check", "--output=json", str(theirs), check=False)
-    o = ours("check", "--output=json", mine)
+    o = ours(scan, "check", "--output=json", mine)
     assert "Traceback" not in o.stderr
     assert o.returncode == t.returncode
     assert report(o.stdout) == report(t.stdout.decode())
@@ -124,10 +138,10 @@ def test_check_counts_far_references_once_like_qemu_img(tmp_path, name):
 
 @pytest.mark.timeout(4 * LIMIT_S)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_repair_of_far_references_is_bounded_and_no_worse(tmp_path, name):
+def test_repair_of_far_references_is_bounded_and_no_worse(tmp_path, name, scan):
     theirs, mine = pair(tmp_path, name)
     qemu_img("check", "-r", "all", str(theirs), check=False)
-    o = ours("check", "-r", "all", mine)
+    o = ours(scan, "check", "-r", "all", mine)
     assert "Traceback" not in o.stderr
     t_after = qemu_img("check", "--output=json", str(theirs), check=False)
     o_after = qemu_img("check", "--output=json", str(mine), check=False)
@@ -138,31 +152,31 @@ def test_repair_of_far_references_is_bounded_and_no_worse(tmp_path, name):
 
 @pytest.mark.timeout(2 * LIMIT_S)
 @pytest.mark.parametrize("name", ["data_at_2_55", "data_past_eof", "many_far_references"])
-def test_map_of_far_references_like_qemu_img(tmp_path, name):
+def test_map_of_far_references_like_qemu_img(tmp_path, name, scan):
     theirs, mine = pair(tmp_path, name)
     t = qemu_img("map", "--output=json", str(theirs))
-    o = ours("map", "--output=json", mine)
+    o = ours(scan, "map", "--output=json", mine)
     assert o.returncode == 0, o.stderr
     assert json.loads(o.stdout) == json.loads(t.stdout)
 
 
 @pytest.mark.timeout(2 * LIMIT_S)
 @pytest.mark.parametrize("name", ["l2_at_2_55", "l2_past_eof"])
-def test_map_of_an_l2_table_past_the_end_is_one_error_line(tmp_path, name):
+def test_map_of_an_l2_table_past_the_end_is_one_error_line(tmp_path, name, scan):
     """The read path refuses an L2 table outside the file (qemu-img reads it as zeros)."""
     _, mine = pair(tmp_path, name)
-    o = ours("map", "--output=json", mine)
+    o = ours(scan, "map", "--output=json", mine)
     assert o.returncode == 1
     assert "Traceback" not in o.stderr
     assert o.stderr.startswith("qcowfs: ") and len(o.stderr.splitlines()) == 1
 
 
-def test_fragmentation_is_counted_per_l2_table_like_qemu_img(tmp_path):
+def test_fragmentation_is_counted_per_l2_table_like_qemu_img(tmp_path, scan):
     """Metadata preallocation puts each L2 table between the data runs it maps: QEMU counts
     fragmentation within an L2 table only, so the image is 0.00% fragmented."""
     p = create(tmp_path / "pre.qcow2", "2G", preallocation="metadata")
     t = qemu_img("check", "--output=json", str(p))
-    o = ours("check", "--output=json", p)
+    o = ours(scan, "check", "--output=json", p)
     assert o.returncode == 0
     assert report(o.stdout) == report(t.stdout.decode())
     assert report(o.stdout).get("fragmented-clusters", 0) == 0

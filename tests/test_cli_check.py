@@ -189,6 +189,16 @@ CASES: dict[str, Callable[[Path], Path]] = {
 }
 
 
+@pytest.fixture(autouse=True, params=["per-entry", "whole-table"])
+def scan(request, monkeypatch):
+    """Every case twice: the per-entry passes small images take, and the numpy whole-table
+    passes of large images, forced on these small ones."""
+    from qcowfs.image import scanmode
+    limit = 0 if request.param == "whole-table" else 1 << 62
+    monkeypatch.setattr(scanmode, "WHOLE_TABLE_MIN_CLUSTERS", limit)
+    return request.param
+
+
 def pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
     src = CASES[name](tmp_path)
     theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"

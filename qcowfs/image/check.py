@@ -40,6 +40,7 @@ from qcowfs.format.tables import (
     refblock_entries,
     refcount_max,
 )
+from qcowfs.image import scanmode
 from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.refcount_read import OnDiskRefcounts, UnreadableRefblock
 from qcowfs.image.walk import Tally, tally_references
@@ -416,7 +417,12 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
     rebuild = False
     counts = tally.counts
     top = refcount_max(refs.order)
-    for i in range(nb):
+    clusters: range | list[int] = range(nb)
+    if scanmode.whole_tables(nb):
+        from qcowfs.image import tablescan
+        # only the clusters that differ go through the per-cluster code below
+        clusters, highest = tablescan.compare_candidates(refs, counts, tally.beyond_eof, nb)
+    for i in clusters:
         try:
             on = refs.get(i)
         except UnreadableRefblock:
@@ -424,7 +430,7 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
             res.check_errors += 1
             continue
         want = counts[i] if i < len(counts) else tally.beyond_eof.get(i, 0)
-        if on or want:
+        if (on or want) and i > highest:
             highest = i
         if on == want:
             continue
@@ -467,6 +473,11 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
     step = 2 if image.extended_l2 else 1
     guard = _Guard(image, refs) if repair else None
     wrote = False
+    scan = None
+    file_clusters = -(-size // cs)
+    if scanmode.whole_tables(file_clusters) and not image.has_data_file:
+        from qcowfs.image import tablescan as scan
+        on, unreadable = scan.dense_refcounts(refs, file_clusters)
     for i, l1e in enumerate(l1):
         l2_off = l1e & L1E_OFFSET_MASK
         if not l2_off or l2_off % cs:
@@ -491,6 +502,8 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
             continue  # reads as zeros: nothing to check
         raw = f.read(l2_off, min(cs, size - l2_off))
         table = decode_u64_table(raw + bytes(cs - len(raw)))
+        if scan is not None and scan.copied_is_right(image, table, on, unreadable):
+            continue
         changed = False
         for j in range(0, len(table), step):
             entry = table[j]

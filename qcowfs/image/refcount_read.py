@@ -9,6 +9,7 @@ from qcowfs.format.tables import (
     encode_refblock,
     refblock_entries,
 )
+from qcowfs.image import scanmode
 from qcowfs.image.qcow2 import Qcow2Image
 
 
@@ -94,6 +95,9 @@ def looks_metadata_preallocated(image: Qcow2Image, allocated_bytes: int) -> bool
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = (image.file.size + cs - 1) // cs
     reader = OnDiskRefcounts(image)
+    if scanmode.whole_tables(end_cluster):
+        from qcowfs.image import tablescan
+        return tablescan.nonzero_refcounts(reader, end_cluster) >= threshold
     count = 0
     for i in range(end_cluster):
         if count >= threshold:

@@ -30,6 +30,7 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     decode_u64_table,
 )
+from qcowfs.image import scanmode
 from qcowfs.image.qcow2 import Qcow2Image
 
 CORRUPTION = "corruption"
@@ -97,6 +98,12 @@ class _Walker:
         self.file_clusters = -(-self.file_size // self.cs)
         self.tally = Tally(self.cs, array("Q", bytes(8 * self.file_clusters)))
         self._next_host = 0
+        self.scan = None  # qcowfs.image.tablescan, for a large image without a data file
+        self._counts = None  # the tally's counts as a numpy array, while walking
+        if scanmode.whole_tables(self.file_clusters) and not image.has_data_file:
+            from qcowfs.image import tablescan
+            self.scan = tablescan
+            self._counts = tablescan.as_u64(self.tally.counts)
 
     def defect(self, message: str, offset: int = 0) -> None:
         self.tally.defects.append(Defect(CORRUPTION, message, offset))
@@ -154,6 +161,7 @@ class _Walker:
         if h.bitmaps:
             self.walk_bitmaps()
         self.walk_refblocks()
+        self._counts = None  # let the array grow again
         return self.tally
 
     def walk_snapshot_l1(self, offset: int, size: int, sid: str) -> None:
@@ -189,6 +197,20 @@ class _Walker:
                 self.walk_l2(self.read_l2(l2_off), l2_off, active)
 
     def walk_l2(self, table: array, l2_off: int, active: bool) -> None:
+        if self.scan is not None:
+            found = self.scan.l2_references(self.image, table, self.file_size)
+            if found is not None:
+                self.scan.add_references(self._counts, found.clusters)
+                if active:
+                    stats = self.tally.stats
+                    stats.allocated_clusters += found.allocated
+                    stats.compressed_clusters += found.compressed
+                    stats.fragmented_clusters += found.fragmented
+                return
+        self._walk_l2_entries(table, l2_off, active)
+
+    def _walk_l2_entries(self, table: array, l2_off: int, active: bool) -> None:
+        """One entry at a time: every defect found and worded."""
         img = self.image
         cs = self.cs
         extended = img.extended_l2
