@@ -4,7 +4,6 @@ objects, option strings, and the arguments several commands take."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -78,6 +77,8 @@ def print_json(value) -> None:
 
 
 def _json(value, level: int) -> str:
+    import json  # only --output=json pays for it (start-up time)
+
     pad = "    " * (level + 1)
     end = "    " * level
     if isinstance(value, dict):
