@@ -212,18 +212,27 @@ def _store(writer: SequentialQcow2Writer, first: int, data: bytes,
     cs = writer.cs
     view = memoryview(data)
     run: list[int] = []  # consecutive data clusters not written yet
+    streams: list[tuple[int, bytes]] = []  # compressed clusters not written yet
 
     def flush() -> None:
         if run:
             writer.write_clusters(first + run[0], view[run[0] * cs:(run[-1] + 1) * cs])
             run.clear()
+        if streams:
+            writer.write_streams(streams)
+            streams.clear()
 
     for n, (i, act) in enumerate(actions):
         if act == "zero":
             flush()
             writer.zero_cluster(first + i)
         elif packed is not None:
-            writer.write_packed(first + i, view[i * cs:(i + 1) * cs], packed[n].result())
+            stream = packed[n].result()
+            if stream is None:  # does not compress: stored as it is
+                flush()
+                writer.write_clusters(first + i, view[i * cs:(i + 1) * cs])
+            else:
+                streams.append((first + i, stream))
         else:
             if run and run[-1] != i - 1:
                 flush()

@@ -92,11 +92,18 @@ class SequentialQcow2Writer:
         if packed is None:
             self.write_clusters(guest_cluster, data)
             return
-        table, slot = self._table(guest_cluster)
+        self.write_streams([(guest_cluster, packed)])
+
+    def write_streams(self, streams: list[tuple[int, bytes]]) -> None:
+        """Store (guest cluster, compressed stream) pairs back to back, as QEMU packs them,
+        with one write."""
         host = self.end
-        self.image.file.write(host, packed)
-        self.end += len(packed)
-        table[slot] = self.layout.encode(host, len(packed))
+        for guest_cluster, packed in streams:
+            table, slot = self._table(guest_cluster)
+            table[slot] = self.layout.encode(host, len(packed))
+            host += len(packed)
+        self.image.file.writev(self.end, [p for _, p in streams])
+        self.end = host
 
     def zero_cluster(self, guest_cluster: int) -> None:
         """Make one guest cluster read as zeros whatever the backing file holds."""
