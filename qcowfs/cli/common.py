@@ -23,23 +23,62 @@ def size_to_str(value: int) -> str:
     return f"{value / (1 << (10 * i)):0.3g} {_SUFFIXES[i]}B"
 
 
-def parse_size(text: str) -> int:
-    """A size with an optional k/M/G/T/P/E suffix (binary), as qemu-img reads it; a fraction
-    is allowed with a suffix ("1.5G")."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtpeBKMGTPE]?)\s*", text)
+SIZE_ERROR = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
+              "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+SIZE_RANGE_ERROR = "Invalid image size specified. Must be between 0 and 9223372036854775807."
+_SIZE = re.compile(r"\s*(?:(0[xX][0-9a-fA-F]+)|(\d+)(?:\.(\d*))?)([bBkKmMgGtTpPeE]?)")
+
+
+class SizeError(ValueError):
+    """A size string qemu-img would refuse; the message is qemu-img's."""
+
+
+def parse_size(text: str, warn=None) -> int:
+    """A size as qemu-img reads it: decimal or 0x hex, then an optional binary suffix
+    (b, k, M, G, T, P, E, any case). Leading blanks are skipped, trailing ones refused; a
+    fraction needs a digit before the point and a suffix above bytes ("1.5G", "5.k"); hex
+    with a suffix is taken with ``warn``'s deprecation warning, as qemu-img 7.2 does.
+    Raises SizeError with qemu-img's message."""
+    m = _SIZE.fullmatch(text)
     if not m:
-        raise ValueError(f"invalid size {text!r}")
-    number, unit = m.groups()
+        raise SizeError(SIZE_ERROR)
+    hexa, whole, fraction, unit = m.groups()
     mult = _UNITS[unit.lower()]
-    if "." in number:
-        if unit == "":
-            raise ValueError(f"invalid size {text!r}")
-        value = int(float(number) * mult)
+    if hexa is not None:
+        value = int(hexa, 16)
+        if unit and warn is not None:
+            warn(f"Using a multiplier suffix on hex numbers is deprecated: {text}")
+        value *= mult
     else:
-        value = int(number) * mult
+        value = int(whole) * mult
+        if fraction is not None:
+            if mult == 1 and (fraction.strip("0") or unit):
+                raise SizeError(SIZE_ERROR)
+            if fraction:
+                value += int(fraction) * mult // 10 ** len(fraction)
     if value >= 1 << 63:
-        raise ValueError(f"size {text!r} is too large")
+        raise SizeError(SIZE_RANGE_ERROR)
     return value
+
+
+def parse_relative_size(text: str, warn=None) -> tuple[str, int]:
+    """``[+|-]SIZE`` (resize's form): the sign ('' for absolute) and the amount."""
+    sign = text[:1] if text[:1] in ("+", "-") else ""
+    return sign, parse_size(text[len(sign):], warn)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, where qemu-img prints its own: ``qcowfs: warning: ...``."""
+    print(f"qcowfs: warning: {message}", file=sys.stderr)
+
+
+def warn_probed_raw(disk, shown: str) -> None:
+    """qemu-img's warning for an image opened for writing whose format was guessed as raw."""
+    if getattr(disk.top, "probed", False):
+        warn(f"Image format was not specified for '{shown}' and probing guessed raw. "
+             f"Automatically detecting the format is dangerous for raw images, write "
+             f"operations on block 0 will be restricted. Specify the 'raw' format explicitly "
+             f"to remove the restrictions.")
 
 
 def parse_options(texts: list[str] | None) -> dict[str, str]:

@@ -12,7 +12,7 @@ from qcowfs.chain.resolve import backing_path, open_chain, probe_format
 from qcowfs.image.create import validate
 
 from .common import add_force_share, add_probed_format, parse_options
-from .create import QCOW2_OPTIONS, qcow_options
+from .create import QCOW2_OPTIONS, print_option_help, qcow_options, wants_help
 from .main import CommandError
 from .progress import progress_bar
 
@@ -39,8 +39,8 @@ def register(sub) -> None:
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     add_force_share(p, "read the source even when another process holds it")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", nargs="?")
+    p.add_argument("dest", nargs="?")
     p.set_defaults(func=run)
 
 
@@ -52,6 +52,11 @@ def _snapshot_name(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if wants_help(args.options):
+        print_option_help(args.out_format, args.dest)
+        return 0
+    if args.dest is None:
+        raise CommandError("Must specify image file name")
     opts = parse_options(args.options)
     if args.out_format == "raw":
         if opts:
