@@ -36,7 +36,7 @@ class SizeError(ValueError):
 def parse_size(text: str, warn=None) -> int:
     """A size as qemu-img reads it: decimal or 0x hex, then an optional binary suffix
     (b, k, M, G, T, P, E, any case). Leading blanks are skipped, trailing ones refused; a
-    fraction needs a digit before the point and a suffix above bytes ("1.5G", "5.k"); hex
+    fraction needs a digit before the point, and a suffix above bytes unless it is zero ("1.5G", "5.k", "1.0"); hex
     with a suffix is taken with ``warn``'s deprecation warning, as qemu-img 7.2 does.
     Raises SizeError with qemu-img's message."""
     m = _SIZE.fullmatch(text)
@@ -52,7 +52,7 @@ def parse_size(text: str, warn=None) -> int:
     else:
         value = int(whole) * mult
         if fraction is not None:
-            if mult == 1 and (fraction.strip("0") or unit):
+            if mult == 1 and fraction.strip("0"):
                 raise SizeError(SIZE_ERROR)
             if fraction:
                 value += int(fraction) * mult // 10 ** len(fraction)

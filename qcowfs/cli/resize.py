@@ -56,11 +56,10 @@ def run(args: argparse.Namespace) -> int:
         if new < 0:
             raise CommandError(f"{args.file}: New image size must be positive")
         new = (new + 511) // 512 * 512
-        if new < current:
-            if not args.shrink:
-                raise CommandError(f"{args.file}: Use the --shrink option to perform a shrink "
-                                   f"operation.")
+        if new < current and not args.shrink:
             warn(SHRINK_WARNING)
+            raise CommandError(f"{args.file}: Use the --shrink option to perform a shrink "
+                               f"operation.")
         disk.resize(new, shrink=args.shrink)
     finally:
         disk.close()
