@@ -272,3 +272,77 @@ def test_fresh_venv_mounts_reads_and_unmounts(fresh_venv, tmp_path):
 
         force_unmount(mp)
     assert_check_clean(img)
+
+
+# --- the rest of qemu-img's synopsis ----------------------------------------------------------
+
+SYNOPSIS_FORMS = [
+    ["check", "-T", "none", "{top}"],
+    ["check", "-T", "bogus", "{top}"],
+    ["compare", "-T", "writethrough", "{top}", "{top}"],
+    ["commit", "-t", "writeback", "-d", "{top}"],
+    ["commit", "-t", "bogus", "{top}"],
+    ["commit", "-r", "bogus", "{top}"],
+    ["convert", "-W", "-m", "4", "-t", "none", "-T", "directsync", "-C", "{top}", "{out}"],
+    ["convert", "-m", "17", "{top}", "{out}"],
+    ["convert", "-S", "100", "{top}", "{out}"],
+    ["convert", "-S", "64k", "-O", "qcow2", "{top}", "{out}"],
+    ["convert", "-r", "bogus", "{top}", "{out}"],
+    ["convert", "--target-is-zero", "{top}", "{out}"],
+    ["convert", "{top}"],
+    ["rebase", "-t", "unsafe", "-T", "none", "-U", "-u", "-b", "base.qcow2", "-F", "qcow2",
+     "{top}"],
+    ["resize", "--preallocation=off", "{top}", "+1M"],
+    ["resize", "--preallocation=bogus", "{top}", "+1M"],
+    ["map", "--start-offset", "-1", "{top}"],
+    ["map", "--max-length", "x", "{top}"],
+]
+
+
+def _chain(d):
+    base = create(d / "base.qcow2", "8M")
+    qemu_io(base, "write -P 0x11 0 2M")
+    top = create(d / "top.qcow2", "8M", backing=base, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x22 1M 64k", "write -z 3M 1M")
+    return top
+
+
+@pytest.mark.parametrize("form", SYNOPSIS_FORMS, ids=" ".join)
+def test_synopsis_forms_as_qemu_img(tmp_path, form):
+    results = {}
+    for side in ("ours", "theirs"):
+        d = tmp_path / side
+        d.mkdir()
+        top = _chain(d)
+        argv = [a.format(top=top, out=d / "out.img") for a in form]
+        if side == "ours":
+            r = qcowfs(*argv)
+            results[side] = (r.code, r.err)
+        else:
+            q = qemu_text(*argv)
+            results[side] = (q.returncode, q.stderr)
+    (mine, err), (theirs, their_err) = results["ours"], results["theirs"]
+    assert mine == theirs, (err, their_err)
+    errors = [ln for ln in err.splitlines() if not ln.startswith("qcowfs: warning: ")]
+    assert len(errors) <= 1, err
+    for name in ("top.qcow2", "base.qcow2", "out.img"):
+        a, b = tmp_path / "ours" / name, tmp_path / "theirs" / name
+        assert a.exists() == b.exists(), name
+        if a.exists():
+            assert compare(a, b) == 0, name
+
+
+MAP_WINDOWS = [["--start-offset", "1000", "--max-length", "3200000"], ["--start-offset", "20M"],
+               ["--max-length", "0"], ["--start-offset", "0x10", "--max-length", "1.5k"],
+               ["--max-length", "1.5M"], ["--start-offset=3M", "--max-length=1M"],
+               ["--start-offset", "8M"]]
+
+
+@pytest.mark.parametrize("output", ["json", "human"])
+@pytest.mark.parametrize("window", MAP_WINDOWS, ids=" ".join)
+def test_map_window_as_qemu_img(tmp_path, window, output):
+    top = _chain(tmp_path)
+    mine = qcowfs("map", "--output", output, *window, top)
+    q = qemu_text("map", "--output", output, *window, top)
+    assert mine.code == q.returncode == 0, mine.err
+    assert mine.out == q.stdout

@@ -105,6 +105,51 @@ def add_force_share(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("-U", "--force-share", action="store_true", help=help)
 
 
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def _cache_mode(what: str):
+    def check(text: str) -> str:
+        if text not in CACHE_MODES:
+            raise argparse.ArgumentTypeError(f"Invalid {what}cache option: {text}")
+        return text
+    return check
+
+
+def add_cache_modes(parser: argparse.ArgumentParser, target: bool = True,
+                    source: bool = False) -> None:
+    """qemu-img's ``-t CACHE`` (the image written) and ``-T SRC_CACHE`` (images read). qcowfs
+    always goes through the host page cache and flushes what it wrote before it exits, so
+    every mode gives the same result and is at least as safe as QEMU's writeback."""
+    if target:
+        parser.add_argument("-t", dest="cache", metavar="CACHE", type=_cache_mode(""),
+                            help="cache mode of the image written (accepted; see docs/cli.md)")
+    if source:
+        parser.add_argument("-T", dest="src_cache", metavar="SRC_CACHE",
+                            type=_cache_mode("source "),
+                            help="cache mode of the images read (accepted; see docs/cli.md)")
+
+
+def _rate_limit(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError:
+        raise argparse.ArgumentTypeError(
+            "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+
+
+def add_rate_limit(parser: argparse.ArgumentParser) -> None:
+    """qemu-img's ``-r RATE_LIMIT`` (bytes per second)."""
+    parser.add_argument("-r", dest="rate_limit", metavar="RATE_LIMIT", type=_rate_limit,
+                        help="bytes per second (accepted, not enforced: a warning says so)")
+
+
+def warn_rate_limit(args: argparse.Namespace) -> None:
+    if getattr(args, "rate_limit", None):
+        warn("-r: qcowfs does not limit its rate; copying at full speed")
+
+
 def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", choices=("human", "json"), default="human",
                         help="output format (default: human)")

@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--shrink", action="store_true",
                    help="allow shrinking (what lies past the new end is lost)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    p.add_argument("--preallocation", choices=("off", "metadata", "falloc", "full"),
+                   default="off", help="how to allocate the new space (only off)")
     p.add_argument("file")
     p.add_argument("size", nargs="?", help="new size, or +SIZE / -SIZE")
     p.set_defaults(trailing_size=None)
@@ -44,6 +46,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict]:
 def run(args: argparse.Namespace) -> int:
     if args.trailing_size is None or args.size is not None:
         raise CommandError("Expecting image file name and size")
+    if args.preallocation != "off":
+        raise CommandError(f"{args.file}: --preallocation={args.preallocation} is not "
+                           f"supported")
     try:
         sign, amount = parse_relative_size(args.trailing_size, warn)
     except SizeError:
