@@ -25,14 +25,16 @@ Progress = Callable[[int], None]
 
 
 def rebase(path: str, new_backing: str, new_format: str | None, *, unsafe: bool = False,
-           fmt: str | None = None, progress: Progress | None = None) -> None:
-    """Rebase ``path`` onto ``new_backing`` (relative to ``path``'s folder; "" detaches)."""
+           fmt: str | None = None, progress: Progress | None = None,
+           force_share: bool = False) -> None:
+    """Rebase ``path`` onto ``new_backing`` (relative to ``path``'s folder; "" detaches).
+    ``force_share`` reads the new backing chain even when another process writes it."""
     if new_backing and new_format is None:
         if unsafe:
             raise ImageError(path, "backing format must be specified (-F) with -u")
         new_format = probe_format(backing_path(path, new_backing))
     if not unsafe:
-        _copy_differences(path, new_backing, new_format, fmt, progress)
+        _copy_differences(path, new_backing, new_format, fmt, progress, force_share)
     img = Qcow2Image.open(path, writable=True, open_data_file=False)
     try:
         locking.acquire(img.file.fd, path, locking.LockMode.WRITE)
@@ -42,7 +44,7 @@ def rebase(path: str, new_backing: str, new_format: str | None, *, unsafe: bool 
 
 
 def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: str | None,
-                      progress: Progress | None) -> None:
+                      progress: Progress | None, force_share: bool) -> None:
     disk = open_image(path, writable=True, format=fmt)
     new: Disk | None = None
     try:
@@ -50,7 +52,8 @@ def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: 
             raise UnsupportedError(path, "only qcow2 images have a backing file")
         if new_backing:
             new = Disk(open_chain(backing_path(path, new_backing), fmt=new_format), False)
-            lock_chain(new.layers)
+            if not force_share:
+                lock_chain(new.layers)
         cs = disk.top.cluster_size
         for e in ChainStatus(disk.layers).merged():
             if e.depth == 0 and e.present:
