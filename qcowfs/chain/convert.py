@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +55,56 @@ def _nonzero_runs(src: Source) -> Iterator[tuple[int, int]]:
         if e.zero and not e.data:
             continue
         yield e.start, e.start + e.length
+
+
+class _ReadAhead:
+    """The items of ``items`` produced on a thread of their own, up to ``depth`` ahead of the
+    consumer, in order: the source is read (and decompressed) while the output is written.
+    Only that thread touches the source while it runs (the image's caches are not made for
+    threads); an error there is raised in the consumer."""
+
+    def __init__(self, items: Iterator, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True,
+                                        name="convert-read")
+        self._thread.start()
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            self._put((False, exc))
+            return
+        self._put((False, None))
+
+    def _put(self, message: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            ok, value = self._queue.get()
+            if ok:
+                yield value
+            elif value is None:
+                return
+            else:
+                raise value
+
+    def __enter__(self) -> _ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _read_chunks(src: Source, runs: Iterator[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
@@ -117,12 +169,13 @@ def to_raw(src: Source, dst: str, progress: Progress | None = None) -> None:
     out = HostFile(dst, writable=True)
     try:
         out.truncate(src.size)
-        for pos, data in _read_chunks(src, _nonzero_runs(src)):
-            view = memoryview(data)
-            for s, e in data_spans(data, pos):
-                out.write(pos + s, view[s:e])
-            if progress:
-                progress(len(data))
+        with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+            for pos, data in chunks:
+                view = memoryview(data)
+                for s, e in data_spans(data, pos):
+                    out.write(pos + s, view[s:e])
+                if progress:
+                    progress(len(data))
         out.sync()
     finally:
         out.close()
@@ -148,16 +201,9 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
         if backing is not None:
             ranges = _union(ranges, _cluster_ranges(
                 ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
-        per_chunk = max(1, CHUNK // cs)
         pending: deque = deque()  # (first cluster, data, actions, compressed streams)
-        for first, last in ranges:
-            c = first
-            while c < last:
-                k = min(per_chunk, last - c)
-                data = _read_clusters(src, c * cs, k * cs)
-                below = None
-                if backing is not None:
-                    below = _read_clusters(backing, c * cs, k * cs)
+        with _ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
+            for c, data, below in chunks:
                 actions = _cluster_actions(data, below, cs)
                 packed = None
                 if pool is not None:
@@ -169,8 +215,7 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
                 while len(pending) > (IN_FLIGHT if pool is not None else 0):
                     _store(writer, *pending.popleft())
                 if progress:
-                    progress(min(k * cs, size - c * cs))
-                c += k
+                    progress(min(len(data), size - c * cs))
         while pending:
             _store(writer, *pending.popleft())
         writer.finish()
@@ -178,6 +223,20 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         writer.close()
+
+
+def _cluster_chunks(src: Source, backing: Disk | None, ranges: list[tuple[int, int]], cs: int
+                    ) -> Iterator[tuple[int, bytes, bytes | None]]:
+    """(first cluster, its chunk of guest bytes, the backing file's bytes there or None)."""
+    per_chunk = max(1, CHUNK // cs)
+    for first, last in ranges:
+        c = first
+        while c < last:
+            k = min(per_chunk, last - c)
+            data = _read_clusters(src, c * cs, k * cs)
+            below = _read_clusters(backing, c * cs, k * cs) if backing is not None else None
+            yield c, data, below
+            c += k
 
 
 def _read_clusters(src: Source, offset: int, n: int) -> bytes:
