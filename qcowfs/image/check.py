@@ -417,11 +417,12 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
     rebuild = False
     counts = tally.counts
     top = refcount_max(refs.order)
-    clusters: range | list[int] = range(nb)
+    # only the clusters that differ go through the per-cluster code below
     if scanmode.whole_tables(nb):
         from qcowfs.image import tablescan
-        # only the clusters that differ go through the per-cluster code below
         clusters, highest = tablescan.compare_candidates(refs, counts, tally.beyond_eof, nb)
+    else:
+        clusters, highest = _blocks_that_differ(refs, tally, nb)
     for i in clusters:
         try:
             on = refs.get(i)
@@ -456,6 +457,37 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
     return highest, rebuild
 
 
+def _blocks_that_differ(refs: OnDiskRefcounts, tally: Tally, nb: int) -> tuple[list[int], int]:
+    """The clusters of [0, nb) in refcount blocks whose on-disk values differ from the walk's
+    (or cannot be read), and the highest cluster either side says is in use: one array
+    comparison per refcount block, without numpy."""
+    per = refs.per_block
+    counts = tally.counts
+    clusters: list[int] = []
+    last_used = -1  # the last block with anything in use
+    for index in range(-(-nb // per)):
+        lo, hi = index * per, min(nb, (index + 1) * per)
+        want = counts[lo:hi]
+        if len(want) < hi - lo:
+            want.extend([tally.beyond_eof.get(i, 0) for i in range(lo + len(want), hi)])
+        entry = refs.table[index] if index < len(refs.table) else 0
+        if entry & REFT_OFFSET_MASK & (refs.cs - 1):
+            clusters.extend(range(lo, hi))  # unreadable: each cluster says so
+            continue
+        values = refs.block(index)
+        on = array("Q", values[:hi - lo]) if values is not None else array("Q", bytes(8 * (hi - lo)))
+        if on != want:
+            clusters.extend(range(lo, hi))
+        elif on.count(0) != len(on):
+            last_used = index
+    highest = 0
+    if last_used >= 0:
+        lo = last_used * per
+        on = refs.block(last_used)
+        highest = lo + max(i for i, v in enumerate(on[:min(nb, lo + per) - lo]) if v)
+    return clusters, highest
+
+
 def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix: int) -> None:
     """COPIED must be set exactly on active L1/L2 entries whose cluster has refcount 1."""
     h = image.header
@@ -473,6 +505,7 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
     step = 2 if image.extended_l2 else 1
     guard = _Guard(image, refs) if repair else None
     wrote = False
+    refcount = refs.lookup()
     scan = None
     file_clusters = -(-size // cs)
     if scanmode.whole_tables(file_clusters) and not image.has_data_file:
@@ -518,7 +551,7 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
                 if not host or host % cs:
                     continue
                 try:
-                    rc = refs.get(host // cs)
+                    rc = refcount(host // cs)
                 except UnreadableRefblock:
                     continue
             if entry & ZERO_FLAG and not host and not image.has_data_file:

@@ -266,7 +266,10 @@ class _Walker:
                 self.defect(f"L2 entry in table at {l2_off} points at unaligned offset {host}",
                             l2_off)
             if not data_file:
-                self.ref(host, cs, "data cluster")
+                if not host % cs and host + cs <= self.file_size:
+                    self.tally.counts[host // cs] += 1  # the common case of ref()
+                else:
+                    self.ref(host, cs, "data cluster")
 
     def _fragment(self, host: int) -> None:
         if self._next_host and host != self._next_host:
