@@ -23,7 +23,6 @@ import base64
 import contextlib
 import datetime
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -34,6 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchhost import host_summary
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "3"))
@@ -215,19 +216,9 @@ def verdict(row: Row, qemu: float, ours: float) -> str:
 
 
 def machine(d: Path) -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    fs = subprocess.run(["stat", "-f", "-c", "%T", str(d)], capture_output=True,
-                        text=True).stdout.strip()
     qemu = subprocess.run(["qemu-img", "--version"], capture_output=True,
                           text=True).stdout.splitlines()[0]
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; Linux {platform.release()}; "
-            f"bench files on {fs}; Python {platform.python_version()}; {qemu}")
+    return f"{host_summary(d)}; {qemu}"
 
 
 def table(results: list[tuple[Row, float, float]]) -> str:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO
+from cli_helpers import REPO, two_copies
 from qemutools import create, poke, qemu_img, qemu_io
 
 COPIED = 1 << 63
@@ -44,45 +42,29 @@ def l2_offset(p: Path) -> int:
     return u64(p, l1_offset(p)) & 0x00FFFFFFFFFFFE00
 
 
-def data_at_2_55(d: Path) -> Path:
-    p = base(d)
-    poke(p, l2_offset(p) + 8, struct.pack(">Q", COPIED | 1 << 55))
-    return p
-
-
-def data_past_eof(d: Path) -> Path:
-    p = base(d)
-    poke(p, l2_offset(p) + 16, struct.pack(">Q", COPIED | 100 << 16))
-    return p
-
-
-def l2_at_2_55(d: Path) -> Path:
-    p = base(d)
-    poke(p, l1_offset(p) + 8, struct.pack(">Q", COPIED | 1 << 55))
-    return p
-
-
-def l2_past_eof(d: Path) -> Path:
-    p = base(d)
-    poke(p, l1_offset(p) + 8, struct.pack(">Q", COPIED | 200 << 16))
-    return p
-
-
-def many_far_references(d: Path) -> Path:
-    """A whole L2 table of entries far past the end: 8192 errors, each counted once."""
-    p = base(d)
-    table = b"".join(struct.pack(">Q", COPIED | (1 << 55) + (i << 16)) for i in range(8192))
-    poke(p, l2_offset(p), table)
-    return p
-
-
-CASES: dict[str, Callable[[Path], Path]] = {
-    "data_at_2_55": data_at_2_55,
-    "data_past_eof": data_past_eof,
-    "l2_at_2_55": l2_at_2_55,
-    "l2_past_eof": l2_past_eof,
-    "many_far_references": many_far_references,
+#: name -> (the table patched, the entry's index, its new value)
+ENTRIES = {
+    "data_at_2_55": ("l2", 1, COPIED | 1 << 55),
+    "data_past_eof": ("l2", 2, COPIED | 100 << 16),
+    "l2_at_2_55": ("l1", 1, COPIED | 1 << 55),
+    "l2_past_eof": ("l1", 1, COPIED | 200 << 16),
 }
+
+
+def build(d: Path, name: str) -> Path:
+    p = base(d)
+    if name == "many_far_references":
+        # a whole L2 table of entries far past the end: 8192 errors, each counted once
+        table = b"".join(struct.pack(">Q", COPIED | (1 << 55) + (i << 16)) for i in range(8192))
+        poke(p, l2_offset(p), table)
+        return p
+    table, index, value = ENTRIES[name]
+    start = l1_offset(p) if table == "l1" else l2_offset(p)
+    poke(p, start + 8 * index, struct.pack(">Q", value))
+    return p
+
+
+CASES = [*ENTRIES, "many_far_references"]
 
 
 def _limit_memory() -> None:
@@ -110,11 +92,7 @@ def ours(scan: int, *args: str | Path) -> subprocess.CompletedProcess:
 
 
 def pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    src = CASES[name](tmp_path)
-    theirs, mine = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
-    shutil.copy(src, theirs)
-    shutil.copy(src, mine)
-    return theirs, mine
+    return two_copies(build(tmp_path, name), tmp_path)
 
 
 def report(stdout: str) -> dict:

@@ -5,13 +5,12 @@ data unchanged."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cli_helpers import qcowfs
+from cli_helpers import qcowfs, two_copies
 from qemutools import create, poke, qemu_img, qemu_io, run
 
 
@@ -200,11 +199,7 @@ def scan(request, monkeypatch):
 
 
 def pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    src = CASES[name](tmp_path)
-    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
-    shutil.copy(src, theirs)
-    shutil.copy(src, ours)
-    return theirs, ours
+    return two_copies(CASES[name](tmp_path), tmp_path)
 
 
 def their_check(path: Path, *extra: str) -> tuple[int, dict]:
