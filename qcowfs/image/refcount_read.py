@@ -114,11 +114,14 @@ def looks_metadata_preallocated(image: Qcow2Image, allocated_bytes: int) -> bool
     reader = OnDiskRefcounts(image)
     if scanmode.whole_tables(end_cluster):
         from qcowfs.image import tablescan
-        return tablescan.nonzero_refcounts(reader, end_cluster) >= threshold
+        return tablescan.nonzero_refcounts(reader, end_cluster, threshold) >= threshold
     count = 0
     for i in range(end_cluster):
         if count >= threshold:
             break
-        if reader.get(i):
-            count += 1
+        try:
+            if reader.get(i):
+                count += 1
+        except UnreadableRefblock:
+            continue  # a block that cannot be read says nothing (QEMU only warns)
     return count >= threshold

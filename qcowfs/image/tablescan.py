@@ -193,10 +193,20 @@ def copied_is_right(image: Qcow2Image, table: array, on: np.ndarray,
     return bool(np.array_equal((on[idx] == 1)[keep], copied[keep]))
 
 
-def nonzero_refcounts(refs: OnDiskRefcounts, n: int) -> int:
-    """How many of clusters [0, n) have a refcount."""
-    on, _ = dense_refcounts(refs, n)
-    return int(np.count_nonzero(on))
+def nonzero_refcounts(refs: OnDiskRefcounts, n: int, enough: int) -> int:
+    """How many of clusters [0, n) have a refcount, counting one refcount block at a time
+    and stopping once ``enough`` are found."""
+    per = refs.per_block
+    found = 0
+    f = refs.image.file
+    for index in range(min(-(-n // per), len(refs.table))):
+        off = refs.block_offset(index)
+        if off and not refs.table[index] & REFT_OFFSET_MASK & (refs.cs - 1):
+            values = refblock_values(f.read(off, refs.cs), refs.order)
+            found += int(np.count_nonzero(values[:n - index * per]))
+            if found >= enough:
+                break
+    return found
 
 
 # --- map: extents -------------------------------------------------------------------------
