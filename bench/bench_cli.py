@@ -246,7 +246,9 @@ def write_doc(text: str, mach: str, load: str) -> Path:
         f"(`-d`, a {DISK} ext4 disk holding {FILES_MIB} MiB of files, half of them text-like); "
         "commands that change their image get a fresh copy before each run, outside the "
         "timing. A ratio above 1.0 means qcowfs is slower.\n\n"
-        f"Run {when} on: {mach}; {load}.\n\n{text}\n")
+        f"Run {when} on: {mach}; {load}.\n\n{text}\n\n"
+        "Where the time goes: docs/design.md, \"Whole-table passes\" and \"The convert data "
+        "path\".\n")
     doc.write_text(f"{head}\n\n{section}")
     return doc
 
