@@ -510,7 +510,7 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
     file_clusters = -(-size // cs)
     if scanmode.whole_tables(file_clusters) and not image.has_data_file:
         from qcowfs.image import tablescan as scan
-        on, unreadable = scan.dense_refcounts(refs, file_clusters)
+        is_one, unreadable = scan.refcount_is_one(refs, file_clusters)
     for i, l1e in enumerate(l1):
         l2_off = l1e & L1E_OFFSET_MASK
         if not l2_off or l2_off % cs:
@@ -535,7 +535,7 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
             continue  # reads as zeros: nothing to check
         raw = f.read(l2_off, min(cs, size - l2_off))
         table = decode_u64_table(raw + bytes(cs - len(raw)))
-        if scan is not None and scan.copied_is_right(image, table, on, unreadable):
+        if scan is not None and scan.copied_is_right(image, table, is_one, unreadable):
             continue
         changed = False
         for j in range(0, len(table), step):

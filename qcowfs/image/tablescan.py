@@ -136,74 +136,92 @@ def refblock_values(raw: bytes, order: int) -> np.ndarray:
     return ((b[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1).astype(U64)
 
 
-def dense_refcounts(refs: OnDiskRefcounts, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(refcount, unreadable) of clusters [0, n): the on-disk values (with ``refs``' patches),
-    and where the refcount block cannot be read at all (a misaligned table entry). Costs
-    one read per refcount block that covers the range, never more than ``n`` values."""
+def _blocks(refs: OnDiskRefcounts, n: int):
+    """(first cluster, values or None, unreadable) per refcount block over clusters [0, n):
+    the on-disk values (with ``refs``' patches); None where no block is there; unreadable
+    where the table entry is not cluster-aligned. One block in memory at a time."""
     per = refs.per_block
-    values = np.zeros(n, dtype=U64)
-    unreadable = np.zeros(n, dtype=bool)
     f = refs.image.file
-    for index in range(min(-(-n // per), len(refs.table))):
+    for index in range(-(-n // per)):
         lo, hi = index * per, min(n, (index + 1) * per)
-        entry = refs.table[index]
+        entry = refs.table[index] if index < len(refs.table) else 0
         if entry & REFT_OFFSET_MASK & (refs.cs - 1):
-            unreadable[lo:hi] = True
+            yield lo, None, True
             continue
         patched = refs.blocks.get(index)
         if patched is not None:
-            values[lo:hi] = np.asarray(patched[:hi - lo], dtype=U64)
+            yield lo, np.asarray(patched[:hi - lo], dtype=U64), False
             continue
         off = refs.block_offset(index)
-        if off:
-            values[lo:hi] = refblock_values(f.read(off, refs.cs), refs.order)[:hi - lo]
-    return values, unreadable
+        values = refblock_values(f.read(off, refs.cs), refs.order)[:hi - lo] if off else None
+        yield lo, values, False
+
+
+def refcount_is_one(refs: OnDiskRefcounts, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(refcount is 1, unreadable) for clusters [0, n): two bytes a cluster, what the COPIED
+    pass needs."""
+    is_one = np.zeros(n, dtype=bool)
+    unreadable = np.zeros(n, dtype=bool)
+    for lo, values, bad in _blocks(refs, n):
+        if bad:
+            unreadable[lo:lo + refs.per_block] = True
+        elif values is not None:
+            is_one[lo:lo + len(values)] = values == 1
+    return is_one, unreadable
 
 
 def compare_candidates(refs: OnDiskRefcounts, counts: array, beyond: dict[int, int], nb: int
                        ) -> tuple[list[int], int]:
     """The clusters of [0, nb) whose refcount is not what the walk expects (or cannot be
-    read), in order, and the highest cluster either side says is in use."""
-    on, unreadable = dense_refcounts(refs, nb)
-    want = np.zeros(nb, dtype=U64)
-    m = min(nb, len(counts))
-    want[:m] = as_u64(counts)[:m]
-    for i, c in beyond.items():
-        if i < nb:
-            want[i] = c
-    used = np.flatnonzero(((on != 0) | (want != 0)) & ~unreadable)
-    highest = int(used[-1]) if len(used) else 0
-    return np.flatnonzero((on != want) | unreadable).tolist(), highest
+    read), in order, and the highest cluster either side says is in use. One refcount block
+    at a time, so memory stays at a block's worth besides the tally."""
+    per = refs.per_block
+    want_all = as_u64(counts)
+    candidates: list[int] = []
+    highest = 0
+    for lo, values, bad in _blocks(refs, nb):
+        hi = min(nb, lo + per)
+        if bad:
+            candidates.extend(range(lo, hi))
+            continue
+        want = np.zeros(hi - lo, dtype=U64)
+        m = max(0, min(hi, len(want_all)) - lo)
+        want[:m] = want_all[lo:lo + m]
+        for i, c in beyond.items():
+            if lo <= i < hi:
+                want[i - lo] = c
+        on = values if values is not None else np.zeros(hi - lo, dtype=U64)
+        used = np.flatnonzero((on != 0) | (want != 0))
+        if len(used):
+            highest = lo + int(used[-1])
+        candidates.extend((np.flatnonzero(on != want) + lo).tolist())
+    return candidates, highest
 
 
-def copied_is_right(image: Qcow2Image, table: array, on: np.ndarray,
+def copied_is_right(image: Qcow2Image, table: array, is_one: np.ndarray,
                     unreadable: np.ndarray) -> bool:
     """Whether every data entry of one L2 table has COPIED exactly when its cluster's refcount
-    is 1 (``on``: the refcounts of the file's clusters). False sends the table to the
-    per-entry pass (which also repairs)."""
+    is 1 (``is_one``, over the file's clusters). False sends the table to the per-entry pass
+    (which also repairs)."""
     cb = image.cluster_bits
     d, _ = descriptors(image, table)
     host = d & _OFFSET
     data = ((d & _COMPRESSED) == 0) & (host != 0) & ((host & U64((1 << cb) - 1)) == 0)
     idx = (host[data] >> U64(cb)).astype(np.intp)
-    if len(idx) and int(idx.max()) >= len(on):
+    if len(idx) and int(idx.max()) >= len(is_one):
         return False
     keep = ~unreadable[idx]
     copied = (d[data] & _COPIED) != 0
-    return bool(np.array_equal((on[idx] == 1)[keep], copied[keep]))
+    return bool(np.array_equal(is_one[idx][keep], copied[keep]))
 
 
 def nonzero_refcounts(refs: OnDiskRefcounts, n: int, enough: int) -> int:
     """How many of clusters [0, n) have a refcount, counting one refcount block at a time
-    and stopping once ``enough`` are found."""
-    per = refs.per_block
+    and stopping once ``enough`` are found (unreadable blocks count nothing)."""
     found = 0
-    f = refs.image.file
-    for index in range(min(-(-n // per), len(refs.table))):
-        off = refs.block_offset(index)
-        if off and not refs.table[index] & REFT_OFFSET_MASK & (refs.cs - 1):
-            values = refblock_values(f.read(off, refs.cs), refs.order)
-            found += int(np.count_nonzero(values[:n - index * per]))
+    for _, values, _bad in _blocks(refs, n):
+        if values is not None:
+            found += int(np.count_nonzero(values))
             if found >= enough:
                 break
     return found
