@@ -3,6 +3,7 @@
 #   make demo   mount a sample chain, show it off, unmount
 #   make bench  fio through qcowfs beside qemu-storage-daemon (see docs/performance.md)
 #   make bench-engine  the library's reads and writes against os.pread/os.pwrite
+#   make bench-cli  every offline command beside qemu-img on the same files (docs/performance.md)
 #   make fuzz   mutate QEMU-made images for FUZZ_SECONDS (FUZZ_SEED=) through every command
 #   make crash  CRASH_RUNS SIGKILL runs over the writing operations, judged by qemu-img check
 
@@ -20,7 +21,8 @@ FUZZ_SEED ?= 1
 CRASH_RUNS ?= 200
 CRASH_SEED ?= 1
 
-.PHONY: all test lint system-deps bench-deps venv demo bench bench-engine fuzz crash clean install-helper
+.PHONY: all test lint system-deps bench-deps venv demo bench bench-engine bench-cli fuzz crash \
+        clean install-helper
 
 all: test
 
@@ -51,6 +53,9 @@ demo: system-deps venv
 
 bench: system-deps bench-deps venv
 	$(VPY) bench/bench_fuse.py
+
+bench-cli: system-deps venv
+	$(VPY) bench/bench_cli.py
 
 bench-engine: system-deps venv
 	$(VPY) bench/bench_read.py
