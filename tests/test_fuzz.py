@@ -2,10 +2,8 @@
 does not make things worse" (docs/robustness.md).
 
 Each row of ``REGRESSIONS`` is rebuilt at test time from a QEMU-made seed (fuzz/seeds.py) and
-the recorded patches (field, file offset, new bytes); no image is checked in. Rows whose
-cause lies in the metadata passes rewritten by issue 11 (check, walk, refcount_read,
-blockstatus) are strict xfails: once that work is merged they pass, and the XPASS says to
-drop the marker."""
+the recorded patches (field, file offset, new bytes); no image is checked in. The check and
+map rows were fixed by issue 11's bounded metadata passes."""
 
 from __future__ import annotations
 
@@ -27,31 +25,28 @@ from tests import qemutools as q
 
 pytestmark = pytest.mark.fuzz
 
-ISSUE_11 = pytest.mark.xfail(strict=True, reason="issue 11: bounded metadata passes")
 REPO = Path(__file__).resolve().parent.parent
-PERF_FILES = ("image/check.py", "image/walk.py", "image/refcount_read.py",
-              "chain/blockstatus.py")
 
 # (seed kind, patches as (field, offset, hex bytes), steps, what happened before the fix)
 REGRESSIONS = [
     pytest.param("c4k", [("l2@0x4810", 18448, "fffffffffffffffe")], ["check"],
                  "check ran for minutes: _compare looped over beyond_eof clusters",
-                 marks=ISSUE_11, id="l2-past-2^56-check"),
+                 id="l2-past-2^56-check"),
     pytest.param("refcount4", [("l1@0x3000", 12288, "00fffffffffff000")], ["check"],
                  "check ran for minutes on an L1 entry past the end of the file",
-                 marks=ISSUE_11, id="l1-past-eof-check"),
+                 id="l1-past-eof-check"),
     pytest.param("snapshots", [("snapshot[0].l1@0x15000", 86016, "4000000000002000")],
                  ["check", "check-r-all", "check-after"],
                  "check ran for minutes on a snapshot L1 entry with reserved bits",
-                 marks=ISSUE_11, id="snapshot-l1-reserved-check"),
+                 id="snapshot-l1-reserved-check"),
     pytest.param("datafile-raw", [("header.size", 24, "0000000000000001"),
                                   ("bytes@0x13ba", 5050, "96b8")], ["check"],
                  "check ran for minutes on a one-byte disk with an external data file",
-                 marks=ISSUE_11, id="datafile-size1-check"),
+                 id="datafile-size1-check"),
     pytest.param("snapshots", [("reftable@0x1000", 4096, "00000000ffffffff")],
                  ["map", "convert"],
                  "UnreadableRefblock escaped map and convert (metadata-preallocation probe)",
-                 marks=ISSUE_11, id="reftable-unaligned-map-convert"),
+                 id="reftable-unaligned-map-convert"),
 ]
 
 
@@ -71,20 +66,13 @@ def test_fuzz_find_stays_fixed(tmp_path, kind, rows, steps, before):
                               f"{[(f.step, f.kind, f.detail[-800:]) for f in result.finds]}")
 
 
-def _not_issue_11(row: dict) -> bool:
-    """A find whose hot or raising function lies outside the files issue 11 rewrites."""
-    return not any(f in row["where"] for f in PERF_FILES)
-
-
 @pytest.mark.slow
 def test_fuzz_fixed_seed_slice(tmp_path):
-    """80 mutants over every seed kind (and two mounts) find nothing outside issue 11's files
-    (its finds are in the table above, as strict xfails)."""
+    """80 mutants over every seed kind (and two mounts) find nothing."""
     summary = campaign(0, seed=2026, out=tmp_path / "out", kinds=list(SEED_KINDS),
                        mount_every=40, limit=2.0, log=lambda s: None, count=80)
-    mine = [r for r in summary["rows"] if _not_issue_11(r)]
-    assert not mine, "\n".join(f"{r['seed']} {r['patches']} {r['step']} {r['kind']}: "
-                               f"{r['detail'][-600:]}" for r in mine)
+    assert not summary["rows"], "\n".join(f"{r['seed']} {r['patches']} {r['step']} {r['kind']}: "
+                               f"{r['detail'][-600:]}" for r in summary["rows"])
 
 
 def _mentioned_host_offsets(messages: str, cs: int) -> set[int]:
