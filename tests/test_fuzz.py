@@ -43,6 +43,10 @@ REGRESSIONS = [
                                   ("bytes@0x13ba", 5050, "96b8")], ["check"],
                  "check ran for minutes on a one-byte disk with an external data file",
                  id="datafile-size1-check"),
+    pytest.param("bitmaps", [("ext[0:0x23852875].data+16", 136, "ff")],
+                 ["info", "info-chain", "map", "check", "check-r-all", "check-after"],
+                 "OverflowError out of info: a bitmap directory offset past 2^63 reached "
+                 "os.pread", id="bitmap-directory-past-2^63"),
     pytest.param("snapshots", [("reftable@0x1000", 4096, "00000000ffffffff")],
                  ["map", "convert"],
                  "UnreadableRefblock escaped map and convert (metadata-preallocation probe)",

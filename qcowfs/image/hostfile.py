@@ -7,6 +7,10 @@ import stat
 
 from qcowfs.errors import FormatError, HostIOError, UnsupportedError
 
+# Offsets from a hostile header can exceed what a file offset (off_t) holds; reads there are
+# past the end of any file.
+MAX_FILE_OFFSET = 1 << 63
+
 
 class HostFile:
     """An open file descriptor with exact positional reads and writes.
@@ -59,6 +63,8 @@ class HostFile:
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; fewer only at the end of the file."""
+        if offset >= MAX_FILE_OFFSET:
+            return b""  # no file reaches there (os.pread would raise OverflowError)
         try:
             data = os.pread(self.fd, length, offset)
             if len(data) < length and data:
@@ -84,6 +90,8 @@ class HostFile:
 
     def readinto(self, buf: memoryview, offset: int) -> int:
         """Fill ``buf`` from ``offset``; returns how many bytes came (less only at EOF)."""
+        if offset >= MAX_FILE_OFFSET:
+            return 0
         total = 0
         want = len(buf)
         try:
