@@ -42,8 +42,10 @@ STEPS = {
     "convert": ({0, 1}, ["convert", "-O", "raw", TOP, "out.raw"]),
     "check-r-all": ({0, 1, 2, 3, 63}, ["check", "-r", "all", "repaired.qcow2"]),
     "check-after": ({0, 1, 2, 3, 63}, ["check", "repaired.qcow2"]),
+    "snapshot-list": ({0, 1}, ["snapshot", "-l", TOP]),
 }
-ORDER = ["read", "info", "info-chain", "map", "check", "convert", "check-r-all", "check-after"]
+ORDER = ["read", "info", "info-chain", "map", "check", "convert", "snapshot-list", "write",
+         "check-r-all", "check-after"]
 
 
 @dataclass
@@ -78,7 +80,8 @@ class Result:
 WARM_MODULES = ("qcowfs.chain.disk", "qcowfs.cli.main", "qcowfs.cli.info", "qcowfs.cli.map",
                 "qcowfs.cli.check", "qcowfs.cli.convert", "qcowfs.image.check",
                 "qcowfs.image.info", "qcowfs.image.sequential", "qcowfs.chain.convert",
-                "qcowfs.chain.blockstatus", "qcowfs.chain.info", "zstandard")
+                "qcowfs.chain.blockstatus", "qcowfs.chain.info", "qcowfs.cli.snapshot",
+                "qcowfs.image.write", "qcowfs.image.refcount", "zstandard")
 
 
 def warm() -> None:
@@ -112,6 +115,18 @@ def library_reads(path: str, rng: random.Random) -> None:
                 pass
 
 
+def library_write(path: str) -> None:
+    """Open a copy read/write (dirty repair, bitmap flags, allocation on hostile tables), write
+    at the start and the middle, flush, close."""
+    import qcowfs
+
+    shutil.copyfile(path, "written.qcow2")
+    with qcowfs.open_image("written.qcow2", writable=True) as disk:
+        disk.write(0, b"\x5a" * 4096)
+        disk.write(disk.size // 2, b"\xa5" * 70000)
+        disk.flush()
+
+
 def _child(case: Path, steps: list[str], limit: float, wfd: int) -> None:
     """In the forked child: run the steps, report on ``wfd``, never return."""
     os.chdir(case)
@@ -136,9 +151,12 @@ def _child(case: Path, steps: list[str], limit: float, wfd: int) -> None:
         say(f"S {step}")
         faulthandler.dump_traceback_later(limit, exit=True, file=tb)
         try:
-            if step == "read":
+            if step in ("read", "write"):
                 try:
-                    library_reads(TOP, random.Random(1))
+                    if step == "read":
+                        library_reads(TOP, random.Random(1))
+                    else:
+                        library_write(TOP)
                     code = 0
                 except ImageError:
                     code = 1
@@ -209,7 +227,7 @@ def run_case(case: Path, steps: list[str] | None = None, limit: float = 2.0) -> 
                 if kind == "E":
                     code = int(detail)
                     res.codes[step] = code
-                    allowed = {0, 1} if step == "read" else STEPS[step][0]
+                    allowed = {0, 1} if step in ("read", "write") else STEPS[step][0]
                     if code not in allowed:
                         res.finds.append(Find(step, "exit-code", f"exit {code}: "
                                               + _read(case / "stdout")[-600:]))

@@ -51,6 +51,11 @@ REGRESSIONS = [
                  "ValueError out of check -r all: the rebuild wrote refcount 2 into a 1-bit "
                  "refcount block (check.py _rebuild -> encode_refblock)",
                  marks=ISSUE_11, id="refcount-order-0-with-snapshots-repair"),
+    pytest.param("snapshots-v2", [("l1@0xa000", 40960, "0000000000008000"),
+                                  ("snapshot[0].l1_size", 45064, "fffff000"),
+                                  ("l2@0xc000", 49152, "00000000fffffffe")], ["write"],
+                 "MemoryError at a read/write open: the writer's metadata set took a snapshot "
+                 "L1 of 2^32 entries at its word", id="snapshot-l1-size-2^32-write"),
     pytest.param("bitmaps", [("ext[0:0x23852875].data+16", 136, "ff")],
                  ["info", "info-chain", "map", "check", "check-r-all", "check-after"],
                  "OverflowError out of info: a bitmap directory offset past 2^63 reached "

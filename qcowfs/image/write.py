@@ -204,10 +204,15 @@ class Qcow2Writer:
         meta.clear()
         meta.add(0)
 
+        # A table's claimed length is clipped at the end of the file: a hostile size (a
+        # snapshot L1 of 2^32 entries) must not grow this set past the clusters that exist.
+        file_clusters = -(-img.file.size // cs)
+
         def add(offset: int, nbytes: int) -> None:
             if nbytes > 0:
                 first = offset >> self.cb
-                meta.update(range(first, ((offset + nbytes - 1) >> self.cb) + 1))
+                end = min(((offset + nbytes - 1) >> self.cb) + 1, max(file_clusters, first + 1))
+                meta.update(range(first, end))
 
         add(h.l1_table_offset, h.l1_size * 8)
         for first, count in self.refs.metadata_clusters():
