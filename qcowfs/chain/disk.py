@@ -142,6 +142,33 @@ def _layer_size(layer: Layer) -> int:
     return layer.active.size if isinstance(layer, Qcow2Image) else layer.size
 
 
+class LayerDisk(_View):
+    """A read-only view of one image of the chain over everything below it: the guest disk as
+    that layer saw it, at its own virtual size (the chain's external checkpoints)."""
+
+    writable = False
+
+    def __init__(self, layers: list[Layer], depth: int):
+        self.depth = depth
+        self.layer = layers[depth]
+        self.path = self.layer.path
+        self._fill = _chain_fill(layers, depth + 1)
+
+    @property
+    def size(self) -> int:
+        return _layer_size(self.layer)
+
+    def _readinto_view(self, buf: memoryview, offset: int) -> None:
+        layer = self.layer
+        if isinstance(layer, Qcow2Image):
+            layer.active.readinto(buf, offset, self._fill)
+        else:
+            layer.readinto(buf, offset)
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise ReadOnlyError(self.path, f"layer {self.depth} is read-only")
+
+
 class Disk(_View):
     """The guest disk of an image and its backing chain (see :func:`qcowfs.open_image`).
 
@@ -197,6 +224,15 @@ class Disk(_View):
         entry = top.find_snapshot(id_or_name)
         mapping = top.snapshot_mapping(entry)
         return SnapshotDisk(self, mapping, SnapshotInfo.from_entry(entry, top.header.size))
+
+    def layer(self, depth: int) -> LayerDisk:
+        """Layer ``depth`` of the chain (0 is the top) over the layers below it, read-only."""
+        if not 0 <= depth < len(self.layers):
+            raise ImageError(self.path, f"the chain has no layer {depth}")
+        return LayerDisk(self.layers, depth)
+
+    def layer_size(self, depth: int) -> int:
+        return _layer_size(self.layers[depth])
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -300,4 +336,4 @@ def open_image(path: str, writable: bool = False, *, format: str | None = None,
         raise
 
 
-__all__ = ["Disk", "SnapshotDisk", "SnapshotInfo", "open_image", "RawImage"]
+__all__ = ["Disk", "LayerDisk", "SnapshotDisk", "SnapshotInfo", "open_image", "RawImage"]

@@ -148,7 +148,8 @@ class QcowfsOperations(pyfuse3.Operations):
 
     async def _truncate(self, node, size: int) -> None:
         if node.kind is not Kind.DISK:
-            raise FsError(errno.EROFS if node.kind in (Kind.SNAP_DISK, Kind.SNAP_INFO)
+            raise FsError(errno.EROFS if node.kind in (Kind.SNAP_DISK, Kind.SNAP_INFO,
+                                                       Kind.LAYER_DISK, Kind.LAYER_INFO)
                           else errno.EISDIR)
         if self.read_only:
             raise FsError(errno.EROFS)
@@ -195,6 +196,17 @@ class QcowfsOperations(pyfuse3.Operations):
                 if writing:
                     raise FsError(errno.EROFS)
                 handle = Handle(node, None, False, self.tree.snaps[node.snap_id].meta_text)
+                info_direct = False
+            elif kind is Kind.LAYER_DISK:
+                if writing:
+                    raise FsError(errno.EROFS)
+                handle = Handle(node, self.disk.layer(node.depth), False)
+                # the top layer changes under writes to disk: never trust a cached copy of it
+                info_direct = self.direct_io or node.depth == 0
+            elif kind is Kind.LAYER_INFO:
+                if writing:
+                    raise FsError(errno.EROFS)
+                handle = Handle(node, None, False, self.tree.layer_text(node.depth))
                 info_direct = False
             else:
                 raise FsError(errno.EISDIR)
@@ -284,7 +296,8 @@ class QcowfsOperations(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         try:
             node = self.tree.node(inode)
-            if node.kind not in (Kind.ROOT, Kind.SNAPSHOTS, Kind.SNAP_DIR):
+            if node.kind not in (Kind.ROOT, Kind.SNAPSHOTS, Kind.SNAP_DIR, Kind.LAYERS,
+                                 Kind.LAYER_DIR):
                 raise FsError(errno.ENOTDIR)
             return inode
         except Exception as exc:
