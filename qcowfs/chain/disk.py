@@ -134,6 +134,13 @@ class SnapshotDisk(_View):
     def _read_view(self, offset: int, n: int) -> bytes:
         return self.mapping.read(offset, n, self._fill)
 
+    def seek(self, offset: int, data: bool) -> int:
+        """lseek's SEEK_DATA (``data``) or SEEK_HOLE: the snapshot over the chain below."""
+        from .blockstatus import ChainStatus
+        from .seek import next_boundary
+        return next_boundary(ChainStatus(self._disk.layers, top=self.mapping), offset, data,
+                             self.path)
+
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyError(self.path, f"snapshot {self.info.id} is read-only")
 
@@ -151,6 +158,7 @@ class LayerDisk(_View):
     def __init__(self, layers: list[Layer], depth: int):
         self.depth = depth
         self.layer = layers[depth]
+        self._below = layers[depth:]
         self.path = self.layer.path
         self._fill = _chain_fill(layers, depth + 1)
 
@@ -164,6 +172,12 @@ class LayerDisk(_View):
             layer.active.readinto(buf, offset, self._fill)
         else:
             layer.readinto(buf, offset)
+
+    def seek(self, offset: int, data: bool) -> int:
+        """lseek's SEEK_DATA (``data``) or SEEK_HOLE over this layer and those below it."""
+        from .blockstatus import ChainStatus
+        from .seek import next_boundary
+        return next_boundary(ChainStatus(self._below), offset, data, self.path)
 
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyError(self.path, f"layer {self.depth} is read-only")
@@ -269,6 +283,35 @@ class Disk(_View):
         at the end of the disk counts as whole). Durable at the next ``flush()``."""
         from qcowfs.image import discard
         discard.discard(self._qcow2_writer("discard"), offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Make the range read as zeros and give back the top image's clusters there (see
+        :func:`qcowfs.image.discard.punch_hole`). Durable at the next ``flush()``."""
+        from qcowfs.image import discard
+        discard.punch_hole(self._qcow2_writer("punching holes"), offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros: zero clusters where whole clusters are covered (v3),
+        zeros written at the edges and on v2. Durable at the next ``flush()``."""
+        w = self._qcow2_writer("writing zeroes")
+        w.check_usable()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ImageError(self.path, f"write of {length} zero bytes at offset {offset} "
+                                        f"lies outside the disk ({self.size} bytes)",
+                             errno=_errno.EINVAL)
+        w.write_zeroes(offset, length)
+
+    def seek(self, offset: int, data: bool) -> int:
+        """lseek's SEEK_DATA (``data``) or SEEK_HOLE over the whole chain."""
+        from .seek import next_boundary
+        return next_boundary(self._status(), offset, data, self.path)
+
+    def _status(self):
+        status = getattr(self, "_chain_status", None)
+        if status is None:
+            from .blockstatus import ChainStatus
+            status = self._chain_status = ChainStatus(self.layers)
+        return status
 
     def _qcow2_writer(self, what: str) -> Qcow2Writer:
         self._require_writable()
