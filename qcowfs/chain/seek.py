@@ -11,6 +11,9 @@ from qcowfs.errors import ImageError
 
 from .blockstatus import ChainStatus
 
+FIRST_WINDOW = 4 << 20
+LAST_WINDOW = 1 << 30
+
 
 def next_boundary(status: ChainStatus, offset: int, data: bool, path: str) -> int:
     """The first offset at or after ``offset`` that is data (``data``) or a hole (not
@@ -20,9 +23,16 @@ def next_boundary(status: ChainStatus, offset: int, data: bool, path: str) -> in
     if offset < 0 or offset >= size:
         raise ImageError(path, f"seek to offset {offset} of a {size}-byte disk",
                          errno=errno.ENXIO)
-    for e in status.entries(offset, size - offset):
-        if e.data == data:
-            return max(e.start, offset)
+    # Windows that start small and double: the answer is usually near, and asking for the
+    # whole rest of the disk at once would walk every L2 entry up to its end.
+    pos, window = offset, FIRST_WINDOW
+    while pos < size:
+        n = min(window, size - pos)
+        for e in status.entries(pos, n):
+            if e.data == data:
+                return max(e.start, offset)
+        pos += n
+        window = min(window * 2, LAST_WINDOW)
     if data:
         raise ImageError(path, f"no data at or after offset {offset}", errno=errno.ENXIO)
     return size
