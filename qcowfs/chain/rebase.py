@@ -2,7 +2,8 @@
 
 Safe mode keeps the guest view: every range the image does not hold itself, and where the old
 and the new backing chain differ, gets the old data copied into the image (written and flushed)
-before the header names the new backing file. Unsafe mode only rewrites the header. An empty
+before the header names the new backing file; a range both chains' block status says reads as
+zeros is not read at all. Unsafe mode only rewrites the header. An empty
 new name detaches the image (safe mode then copies in everything the old chain provided).
 """
 
@@ -55,11 +56,16 @@ def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: 
             if not force_share:
                 lock_chain(new.layers)
         cs = disk.top.cluster_size
+        new_status = ChainStatus(new.layers) if new is not None else None
         for e in ChainStatus(disk.layers).merged():
             if e.depth == 0 and e.present:
                 if progress:
                     progress(e.length)
                 continue  # the image holds it itself
+            if e.zero and not e.data and _reads_as_zero(new_status, e.start, e.length):
+                if progress:
+                    progress(e.length)
+                continue  # zeros in the old chain and in the new one: nothing to compare
             pos, end = e.start, e.start + e.length
             while pos < end:
                 n = min(CHUNK - pos % cs, end - pos)
@@ -75,6 +81,14 @@ def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: 
         if new is not None:
             new.close()
         disk.close()
+
+
+def _reads_as_zero(status: ChainStatus | None, start: int, length: int) -> bool:
+    """Whether the new chain's block status says [start, start + length) reads as zeros
+    (no chain, or past its end, reads as zeros too)."""
+    if status is None:
+        return True
+    return all(e.zero and not e.data for e in status.merged(start, length))
 
 
 def _read(view: Disk | None, pos: int, n: int) -> bytes:
