@@ -149,6 +149,14 @@ def _layer_size(layer: Layer) -> int:
     return layer.active.size if isinstance(layer, Qcow2Image) else layer.size
 
 
+def _read_layer(layer: Layer, buf: memoryview, offset: int, fill: FillFn) -> None:
+    """One layer's guest bytes, its unallocated ranges from ``fill`` (the layers below)."""
+    if isinstance(layer, Qcow2Image):
+        layer.active.readinto(buf, offset, fill)
+    else:
+        layer.readinto(buf, offset)
+
+
 class LayerDisk(_View):
     """A read-only view of one image of the chain over everything below it: the guest disk as
     that layer saw it, at its own virtual size (the chain's external checkpoints)."""
@@ -167,11 +175,7 @@ class LayerDisk(_View):
         return _layer_size(self.layer)
 
     def _readinto_view(self, buf: memoryview, offset: int) -> None:
-        layer = self.layer
-        if isinstance(layer, Qcow2Image):
-            layer.active.readinto(buf, offset, self._fill)
-        else:
-            layer.readinto(buf, offset)
+        _read_layer(self.layer, buf, offset, self._fill)
 
     def seek(self, offset: int, data: bool) -> int:
         """lseek's SEEK_DATA (``data``) or SEEK_HOLE over this layer and those below it."""
@@ -211,11 +215,7 @@ class Disk(_View):
         return top.active.size if isinstance(top, Qcow2Image) else top.size
 
     def _readinto_view(self, buf: memoryview, offset: int) -> None:
-        top = self.top
-        if isinstance(top, Qcow2Image):
-            top.active.readinto(buf, offset, self._fill)
-        else:
-            top.readinto(buf, offset)
+        _read_layer(self.top, buf, offset, self._fill)
 
     def _read_view(self, offset: int, n: int) -> bytes:
         top = self.top
