@@ -127,6 +127,7 @@ class SnapshotDisk(_View):
         self.size = mapping.size
         self.path = disk.path
         self._fill = _chain_fill(disk.layers, 1)
+        self._status = None  # the block status behind seek, made at the first one
 
     def _readinto_view(self, buf: memoryview, offset: int) -> None:
         self.mapping.readinto(buf, offset, self._fill)
@@ -136,10 +137,11 @@ class SnapshotDisk(_View):
 
     def seek(self, offset: int, data: bool) -> int:
         """lseek's SEEK_DATA (``data``) or SEEK_HOLE: the snapshot over the chain below."""
-        from .blockstatus import ChainStatus
         from .seek import next_boundary
-        return next_boundary(ChainStatus(self._disk.layers, top=self.mapping), offset, data,
-                             self.path)
+        if self._status is None:
+            from .blockstatus import ChainStatus
+            self._status = ChainStatus(self._disk.layers, top=self.mapping)
+        return next_boundary(self._status, offset, data, self.path)
 
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyError(self.path, f"snapshot {self.info.id} is read-only")
@@ -167,6 +169,7 @@ class LayerDisk(_View):
         self.depth = depth
         self.layer = layers[depth]
         self._below = layers[depth:]
+        self._status = None  # the block status behind seek, made at the first one
         self.path = self.layer.path
         self._fill = _chain_fill(layers, depth + 1)
 
@@ -179,9 +182,11 @@ class LayerDisk(_View):
 
     def seek(self, offset: int, data: bool) -> int:
         """lseek's SEEK_DATA (``data``) or SEEK_HOLE over this layer and those below it."""
-        from .blockstatus import ChainStatus
         from .seek import next_boundary
-        return next_boundary(ChainStatus(self._below), offset, data, self.path)
+        if self._status is None:
+            from .blockstatus import ChainStatus
+            self._status = ChainStatus(self._below)
+        return next_boundary(self._status, offset, data, self.path)
 
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyError(self.path, f"layer {self.depth} is read-only")
