@@ -259,8 +259,8 @@ def _read(path: Path) -> str:
 
 
 def mount_case(case: Path, limit: float) -> list[Find]:
-    """Mount the mutant read-only, read ``disk`` and each ``snapshots/*/disk`` in pieces in a
-    child process, unmount. Finds: a mount that hangs or exits outside {0, 1}, a reader that
+    """Mount the mutant read-only, read ``disk``, ``snapshots/*/disk`` and ``layers/*/disk``
+    in pieces in a child process, unmount. Finds: a mount that hangs or exits outside {0, 1}, a reader that
     hangs or sees the daemon die (ENOTCONN), an unmount that fails."""
     mnt = case / "mnt"
     mnt.mkdir(exist_ok=True)
@@ -299,7 +299,10 @@ def mount_case(case: Path, limit: float) -> list[Find]:
 _MOUNT_READER = r"""
 import errno, glob, os, sys
 root = sys.argv[1]
-for name in [os.path.join(root, "disk")] + sorted(glob.glob(os.path.join(root, "snapshots", "*", "disk")))[:4]:
+names = [os.path.join(root, "disk")]
+for sub in ("snapshots", "layers"):
+    names += sorted(glob.glob(os.path.join(root, sub, "*", "disk")))[:4]
+for name in names:
     try:
         fd = os.open(name, os.O_RDONLY)
     except OSError as exc:
