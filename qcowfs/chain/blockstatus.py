@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from qcowfs.format.tables import ClusterKind
 from qcowfs.image.info import allocated_bytes
-from qcowfs.image.qcow2 import Qcow2Image
+from qcowfs.image.qcow2 import Mapping, Qcow2Image
 from qcowfs.image.raw import RawImage
 from qcowfs.image.refcount_read import looks_metadata_preallocated
 
@@ -62,16 +62,19 @@ class MapEntry:
 
 class ChainStatus:
     """Block status of a chain (top first). ``names`` are the layers' file names as reported
-    (the human map output prints them)."""
+    (the human map output prints them). ``top`` replaces the top image's active view (an
+    internal snapshot's mapping, over the same backing chain)."""
 
-    def __init__(self, layers: list[Layer], names: list[str] | None = None):
+    def __init__(self, layers: list[Layer], names: list[str] | None = None,
+                 top: Mapping | None = None):
         self.layers = layers
         self.names = names or [layer.path for layer in layers]
+        self.top = top
         self._prealloc: dict[int, bool] = {}
 
     @property
     def size(self) -> int:
-        return _layer_size(self.layers[0])
+        return self.top.size if self.top is not None else _layer_size(self.layers[0])
 
     def entries(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """Unmerged entries, in order, covering ``[offset, offset + length)``."""
@@ -108,7 +111,8 @@ class ChainStatus:
                 yield MapEntry(e.offset, e.length, depth, True, not data, data, e.offset, name)
             return
         data_name = _data_file_name(layer, name)
-        for e in layer.active.extents(pos, n):
+        view = self.top if depth == 0 and self.top is not None else layer.active
+        for e in view.extents(pos, n):
             kind = e.kind
             if kind == ClusterKind.NORMAL:
                 if self._metadata_preallocated(depth):
