@@ -202,7 +202,9 @@ def test_locked_image_refused_unless_shared(held_by_qemu, tmp_path):
     for args in (["create", "-f", "qcow2", str(img), "1M"], ["snapshot", "-c", "s", str(img)],
                  ["convert", "-O", "qcow2", str(other), str(img)],
                  ["resize", str(img), "+1M"], ["rebase", "-u", "-b", "x.qcow2", "-F", "qcow2",
-                                                str(img)], ["snapshot", "-l", str(img)]):
+                                                str(img)], ["snapshot", "-l", str(img)],
+                 ["bitmap", "--add", str(img), "b"],
+                 ["dd", f"if={other}", f"of={img}"]):
         p = qcowfs_subprocess(*args, timeout=60)
         assert p.returncode == 1 and "lock" in p.stderr, (args, p.stderr)
         assert p.stderr.count("\n") == 1
