@@ -30,6 +30,8 @@ _ENTRY = struct.Struct(">QIIBBHI")
 TYPE_DIRTY_TRACKING = 1
 MIN_GRANULARITY_BITS = 9
 MAX_GRANULARITY_BITS = 31
+#: bitmaps larger than this in all are not kept in memory by a writer (they stay in use)
+MAX_TRACKED_BYTES = 64 << 20
 
 
 @dataclass
@@ -60,9 +62,11 @@ def default_granularity(cluster_size: int) -> int:
     return min(max(cluster_size, 4096), 65536)
 
 
-def load(image, directory: bytes | None = None) -> list[Bitmap]:
+def load(image, directory: bytes | None = None, max_bytes: int | None = None
+         ) -> list[Bitmap] | None:
     """Every bitmap of ``image`` (a Qcow2Image), read whole. ``directory`` overrides the
-    directory bytes in the file (the writer marks them in use when it opens the image)."""
+    directory bytes in the file (the writer marks them in use when it opens the image).
+    None when they would take more than ``max_bytes`` of memory."""
     h = image.header
     ext = h.bitmaps
     if ext is None or not ext.nb_bitmaps or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
@@ -76,6 +80,9 @@ def load(image, directory: bytes | None = None) -> list[Bitmap]:
     except FormatError as exc:
         raise FormatError(image.path, exc.reason) from None
     size = image.active.size
+    if max_bytes is not None and sum(bitmap_bytes(size, e.granularity_bits) for e in entries
+                                     if 0 <= e.granularity_bits <= 63) > max_bytes:
+        return None
     out = []
     for e in entries:
         if not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS:
@@ -102,13 +109,23 @@ def load(image, directory: bytes | None = None) -> list[Bitmap]:
 
 
 def set_range(bm: Bitmap, offset: int, length: int) -> None:
-    """Set the bits of every granule ``[offset, offset + length)`` touches."""
+    """Set the bits of every granule ``[offset, offset + length)`` touches: whole bytes with
+    one slice assignment, so a write costs the same whatever the granularity."""
     if length <= 0:
         return
+    bits = bm.bits
     first = offset >> bm.granularity_bits
-    last = min((offset + length - 1) >> bm.granularity_bits, len(bm.bits) * 8 - 1)
-    for g in range(first, last + 1):
-        bm.bits[g >> 3] |= 1 << (g & 7)
+    last = min((offset + length - 1) >> bm.granularity_bits, len(bits) * 8 - 1)
+    if first > last:
+        return
+    lo, hi = first >> 3, last >> 3
+    if lo == hi:
+        bits[lo] |= (0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))
+        return
+    bits[lo] |= (0xFF << (first & 7)) & 0xFF
+    bits[hi] |= 0xFF >> (7 - (last & 7))
+    if hi > lo + 1:
+        bits[lo + 1:hi] = b"\xff" * (hi - lo - 1)
 
 
 def merge(dst: Bitmap, src: Bitmap) -> None:
@@ -180,4 +197,6 @@ def store(writer, bitmaps: list[Bitmap], old: list[Bitmap]) -> None:
         for off, n in bm.old_clusters:
             refs.add_range(off // cs, n, -1)
     writer.flush()
+    # what is on disk now is exact: the writer has nothing left to write back
+    writer.bitmaps, writer.tracking, writer.bitmap_directory_at_open = None, [], None
 
