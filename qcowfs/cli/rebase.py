@@ -6,6 +6,7 @@ import argparse
 
 from qcowfs.chain.rebase import rebase
 
+from .common import add_cache_modes, add_force_share
 from .progress import progress_bar
 
 
@@ -24,6 +25,8 @@ def register(sub) -> None:
                    help="unsafe: only change the name in the header")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    add_cache_modes(p, target=True, source=True)
+    add_force_share(p, "read the new backing file even when another process holds it")
     p.add_argument("file")
     p.set_defaults(func=run)
 
@@ -31,5 +34,5 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     with progress_bar(args.progress and not args.quiet, None, "rebase") as step:
         rebase(args.file, args.backing, args.backing_format, unsafe=args.unsafe,
-               fmt=args.format, progress=step)
+               fmt=args.format, progress=step, force_share=args.force_share)
     return 0
