@@ -108,6 +108,20 @@ def load(image, directory: bytes | None = None, max_bytes: int | None = None
     return out
 
 
+def resized(bitmaps: list[Bitmap], size: int) -> list[Bitmap]:
+    """Copies of ``bitmaps`` for a disk of ``size`` bytes (bits past the end dropped, new
+    ones clear), as new bitmaps: not in use, no clusters of their own yet."""
+    out = []
+    for bm in bitmaps:
+        n = bitmap_bytes(size, bm.granularity_bits)
+        bits = bytearray(bm.bits[:n]).ljust(n, b"\0")
+        spare = n * 8 - -(-size // bm.granularity)
+        if spare and n:
+            bits[-1] &= 0xFF >> spare
+        out.append(Bitmap(bm.name, bm.granularity_bits, bm.enabled, bits, bm.extra_data))
+    return out
+
+
 def set_range(bm: Bitmap, offset: int, length: int) -> None:
     """Set the bits of every granule ``[offset, offset + length)`` touches: whole bytes with
     one slice assignment, so a write costs the same whatever the granularity."""
