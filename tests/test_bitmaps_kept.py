@@ -6,8 +6,10 @@ bitmap tables, by qemu-img check, and by QEMU itself (convert --bitmaps, bitmap 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
+from cli_helpers import qcowfs as qcowfs_cli
 from crashtools import run_and_kill
 from mounttools import mounted, needs_fuse
 from qemutools import (
@@ -128,3 +130,16 @@ def test_writes_through_the_mount_keep_bitmaps_exact(image, tmp_path):
     qemu_img("bitmap", "--add", str(fresh), "m")
     qemu_img("bitmap", "--merge", "big", "-b", str(image), "-F", "qcow2", str(fresh), "m")
     assert bitmap_bits(fresh)["m"][2] == bitmap_bits(image)["big"][2]
+
+
+@pytest.mark.parametrize("args", [["40M"], ["+1M"], ["--shrink", "10M"], ["--shrink", "31M"]])
+def test_resize_resizes_them_as_qemu(image, tmp_path, args):
+    ours = tmp_path / "ours.qcow2"
+    shutil.copy(image, ours)
+    want = qemu_img("resize", str(image), *args, check=False)
+    got = qcowfs_cli("resize", str(ours), *args)
+    assert want.returncode == got.code == 0, (want.stderr, got.err)
+    assert bitmap_bits(ours) == bitmap_bits(image)
+    spec = "format-specific"
+    assert info(ours)[spec]["data"]["bitmaps"] == info(image)[spec]["data"]["bitmaps"]
+    assert_check_clean(ours)

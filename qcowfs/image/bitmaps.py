@@ -108,17 +108,25 @@ def load(image, directory: bytes | None = None, max_bytes: int | None = None
     return out
 
 
+def fit(bm: Bitmap, size: int) -> None:
+    """Resize ``bm`` for a disk of ``size`` bytes: bits past the end dropped, new ones clear
+    (what QEMU does to bitmaps when the disk is resized)."""
+    n = bitmap_bytes(size, bm.granularity_bits)
+    bits = bytearray(bm.bits[:n]).ljust(n, b"\0")
+    spare = n * 8 - -(-size // bm.granularity)
+    if spare and n:
+        bits[-1] &= 0xFF >> spare
+    bm.bits = bits
+
+
 def resized(bitmaps: list[Bitmap], size: int) -> list[Bitmap]:
-    """Copies of ``bitmaps`` for a disk of ``size`` bytes (bits past the end dropped, new
-    ones clear), as new bitmaps: not in use, no clusters of their own yet."""
+    """Copies of ``bitmaps`` for a disk of ``size`` bytes, as new bitmaps: not in use, no
+    clusters of their own yet."""
     out = []
     for bm in bitmaps:
-        n = bitmap_bytes(size, bm.granularity_bits)
-        bits = bytearray(bm.bits[:n]).ljust(n, b"\0")
-        spare = n * 8 - -(-size // bm.granularity)
-        if spare and n:
-            bits[-1] &= 0xFF >> spare
-        out.append(Bitmap(bm.name, bm.granularity_bits, bm.enabled, bits, bm.extra_data))
+        copy = Bitmap(bm.name, bm.granularity_bits, bm.enabled, bm.bits, bm.extra_data)
+        fit(copy, size)
+        out.append(copy)
     return out
 
 

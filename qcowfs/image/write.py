@@ -188,12 +188,17 @@ class Qcow2Writer:
         for bm in self.tracking:
             set_range(bm, offset, length)
 
-    def forget_bitmaps(self) -> None:
-        """The guest view changed in a way the bitmaps cannot follow (snapshot apply, resize):
-        leave them in use, as after a crash."""
-        self.bitmaps = None
-        self.tracking = []
-        self.bitmap_directory_at_open = None
+    def resize_bitmaps(self, size: int) -> None:
+        """The disk is now ``size`` bytes: every bitmap follows (bits past the end dropped,
+        new ones clear), as QEMU resizes them."""
+        if self.bitmaps is None:
+            return
+        from qcowfs.image.bitmaps import fit
+
+        for bm in self.bitmaps:
+            fit(bm, size)
+        self.bitmaps_size = size
+        self.bitmaps_touched = True
 
     def _close_bitmaps(self) -> None:
         """Write the kept bitmaps back with in-use cleared: the directory as it was when
