@@ -41,6 +41,7 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     encode_u64_table,
 )
+from qcowfs.image import bitmaps as persistent
 from qcowfs.image.qcow2 import FillFn, Qcow2Image
 from qcowfs.image.refcount import Refcounts
 
@@ -167,10 +168,9 @@ class Qcow2Writer:
             self.file.sync()
 
     def _load_bitmaps(self, directory: bytes) -> None:
-        from qcowfs.image import bitmaps
-
         try:
-            loaded = bitmaps.load(self.img, directory, max_bytes=bitmaps.MAX_TRACKED_BYTES)
+            loaded = persistent.load(self.img, directory,
+                                     max_bytes=persistent.MAX_TRACKED_BYTES)
         except ImageError:
             return  # they stay in use, as QEMU leaves bitmaps it cannot load
         if loaded is None:
@@ -182,21 +182,17 @@ class Qcow2Writer:
     def mark_bitmaps(self, offset: int, length: int) -> None:
         """A guest write, zero write or discard of ``[offset, offset + length)``: set its
         granules in every enabled bitmap."""
-        from qcowfs.image.bitmaps import set_range
-
         self.bitmaps_touched = True
         for bm in self.tracking:
-            set_range(bm, offset, length)
+            persistent.set_range(bm, offset, length)
 
     def resize_bitmaps(self, size: int) -> None:
         """The disk is now ``size`` bytes: every bitmap follows (bits past the end dropped,
         new ones clear), as QEMU resizes them."""
         if self.bitmaps is None:
             return
-        from qcowfs.image.bitmaps import fit
-
         for bm in self.bitmaps:
-            fit(bm, size)
+            persistent.fit(bm, size)
         self.bitmaps_size = size
         self.bitmaps_touched = True
 
@@ -208,9 +204,7 @@ class Qcow2Writer:
         if not self.bitmaps_touched:
             self.restore_bitmaps()
             return
-        from qcowfs.image import bitmaps
-
-        bitmaps.store(self, self.bitmaps, self.bitmaps)
+        persistent.store(self, self.bitmaps, self.bitmaps)
         self.bitmaps = None
 
     def restore_bitmaps(self) -> None:
