@@ -63,14 +63,14 @@ class MapEntry:
 
 class ChainStatus:
     """Block status of a chain (top first). ``names`` are the layers' file names as reported
-    (the human map output prints them). ``top`` replaces the top image's active view (an
-    internal snapshot's mapping, over the same backing chain)."""
+    (the human map output prints them)."""
 
-    def __init__(self, layers: list[Layer], names: list[str] | None = None,
+    def __init__(self, layers: list[Layer], names: list[str] | None = None, *,
                  top: Mapping | None = None):
         self.layers = layers
-        self.names = names or [layer.path for layer in layers]
+        #: the top layer's guest view when it is not the active disk (an internal snapshot)
         self.top = top
+        self.names = names or [layer.path for layer in layers]
         self._prealloc: dict[int, bool] = {}
         self._whole: dict[int, bool] = {}
 
@@ -167,15 +167,15 @@ class ChainStatus:
         qcowfs.image.scanmode), a small one's entry by entry."""
         layer = self.layers[depth]
         assert isinstance(layer, Qcow2Image)
-        view = self.top if depth == 0 and self.top is not None else layer.active
+        mapping = self.top if depth == 0 and self.top is not None else layer.active
         whole = self._whole.get(depth)
         if whole is None:
             whole = scanmode.whole_tables(-(-layer.file.size // layer.cluster_size))
             self._whole[depth] = whole
         if whole:
             from qcowfs.image import tablescan
-            return tablescan.mapping_extents(view, pos, n)
-        return view.extents(pos, n)
+            return tablescan.mapping_extents(mapping, pos, n)
+        return mapping.extents(pos, n)
 
     def _metadata_preallocated(self, depth: int) -> bool:
         found = self._prealloc.get(depth)
