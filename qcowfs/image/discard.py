@@ -28,6 +28,8 @@ def discard(w: Qcow2Writer, offset: int, length: int) -> None:
     if offset < 0 or length < 0 or offset + length > size:
         raise ImageError(w.path, f"discard of {length} bytes at offset {offset} lies outside "
                                  f"the disk ({size} bytes)", errno=errno.EINVAL)
+    if w.bitmaps is not None:
+        w.mark_bitmaps(offset, length)  # the request, as QEMU marks it
     cs = w.cs
     first = -(-offset // cs)
     end = offset + length
