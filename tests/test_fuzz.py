@@ -27,9 +27,6 @@ pytestmark = pytest.mark.fuzz
 
 REPO = Path(__file__).resolve().parent.parent
 
-ISSUE_11 = pytest.mark.xfail(strict=True, reason="handed to issue 11 (check.py): drop the "
-                                                 "marker once the fix is merged")
-
 # (seed kind, patches as (field, offset, hex bytes), steps, what happened before the fix)
 REGRESSIONS = [
     pytest.param("c4k", [("l2@0x4810", 18448, "fffffffffffffffe")], ["check"],
@@ -50,7 +47,7 @@ REGRESSIONS = [
                  ["check-r-all", "check-after"],
                  "ValueError out of check -r all: the rebuild wrote refcount 2 into a 1-bit "
                  "refcount block (check.py _rebuild -> encode_refblock)",
-                 marks=ISSUE_11, id="refcount-order-0-with-snapshots-repair"),
+                 id="refcount-order-0-with-snapshots-repair"),
     pytest.param("snapshots-v2", [("l1@0xa000", 40960, "0000000000008000"),
                                   ("snapshot[0].l1_size", 45064, "fffff000"),
                                   ("l2@0xc000", 49152, "00000000fffffffe")], ["write"],

@@ -641,9 +641,11 @@ def _rebuild(image: Qcow2Image, tally: Tally) -> None:
             break
     f = image.file
     order = h.refcount_order
+    top = refcount_max(order)  # a count the width cannot hold stays at its maximum, as in QEMU
     for index, c in sorted(blocks.items()):
         first = index * per_block
-        values = [counts[k] if k < len(counts) else 0 for k in range(first, first + per_block)]
+        values = [min(counts[k], top) if k < len(counts) else 0
+                  for k in range(first, first + per_block)]
         f.write(c * cs, encode_refblock(values, order))
     table = array("Q", bytes(8 * table_clusters * cs // 8))
     for index, c in blocks.items():
