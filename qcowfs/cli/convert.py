@@ -13,6 +13,7 @@ from qcowfs.image.create import validate
 
 from .common import add_force_share, add_probed_format, parse_options
 from .create import QCOW2_OPTIONS, qcow_options
+from .imageopts import add_image_source
 from .main import CommandError
 from .progress import progress_bar
 
@@ -40,6 +41,7 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     add_force_share(p, "read the source even when another process holds it")
     p.add_argument("source")
+    add_image_source(p, "source")
     p.add_argument("dest")
     p.set_defaults(func=run)
 
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{args.dest}: Invalid parameter '{key}'")
     if os.path.abspath(args.source) == os.path.abspath(args.dest):
         raise CommandError(f"{args.dest}: the output would overwrite the source")
-    src = Disk(open_chain(args.source, fmt=args.format), False)
+    src = Disk(open_chain(args.source, fmt=args.format,
+                          keys=args.keys.get("source")), False)
     backing = None
     try:
         if not args.force_share:

@@ -12,6 +12,7 @@ from qcowfs.image.create import QcowOptions, create_qcow2, create_raw, round_siz
 from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import parse_options, parse_size
+from .imageopts import add_image_source
 from .main import CommandError
 
 QCOW2_OPTIONS = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
@@ -41,6 +42,7 @@ def register(sub) -> None:
                    help="comma-separated options, e.g. cluster_size=64k,compat=1.1")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.add_argument("file")
+    add_image_source(p, image_opts=False)
     p.add_argument("size", nargs="?", help="virtual size, with an optional k/M/G/T suffix")
     p.set_defaults(func=run)
 

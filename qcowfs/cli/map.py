@@ -12,6 +12,7 @@ from qcowfs.image.info import full_backing_filename
 from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import add_force_share, add_output, add_probed_format
+from .imageopts import add_image_source
 from .main import CommandError
 
 
@@ -22,12 +23,16 @@ def register(sub) -> None:
     add_output(p)
     add_force_share(p, "read even when another process holds the image")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    layers = open_chain(args.file, fmt=args.format)
+    layers = open_chain(args.file, fmt=args.format, keys=args.keys.get("file"))
     try:
+        for layer in layers:
+            if isinstance(layer, Qcow2Image):
+                layer.require_key()  # qemu-img map opens an encrypted image only with its key
         if not args.force_share:
             lock_chain(layers)
         names = [args.file]

@@ -6,6 +6,7 @@ import argparse
 
 from qcowfs.chain.rebase import rebase
 
+from .imageopts import add_image_source
 from .progress import progress_bar
 
 
@@ -25,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 

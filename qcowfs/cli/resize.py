@@ -7,6 +7,7 @@ import argparse
 from qcowfs.chain.disk import open_image
 
 from .common import add_probed_format, parse_size
+from .imageopts import add_image_source
 from .main import CommandError
 
 
@@ -20,6 +21,7 @@ def register(sub) -> None:
                    help="allow shrinking (what lies past the new end is lost)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.add_argument("size", help="new size, or +SIZE / -SIZE")
     p.set_defaults(func=run)
 
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("Invalid image size specified. You may use k, M, G, T, P or E "
                            "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
                            "and exabytes.") from None
-    disk = open_image(args.file, writable=True, format=args.format)
+    disk = open_image(args.file, writable=True, format=args.format,
+                      keys=args.keys.get("file"))
     try:
         current = disk.size
         new = current + amount if sign == "+" else current - amount if sign == "-" else amount

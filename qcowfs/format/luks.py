@@ -215,11 +215,11 @@ def slot_sectors(key_bytes: int, stripes: int) -> int:
 
 def info_dict(h: LuksHeader) -> dict:
     """The ``encrypt`` object of qemu-img info, in qemu-img 7.2's field order."""
-    out: dict = {"ivgen-alg": h.ivgen}
+    out: dict = {"ivgen-alg": h.ivgen, "hash-alg": h.hash_spec, "cipher-alg": h.cipher_alg,
+                 "uuid": h.uuid}
     if h.ivgen_hash is not None:
         out["ivgen-hash-alg"] = h.ivgen_hash
-    out.update({"hash-alg": h.hash_spec, "cipher-alg": h.cipher_alg, "uuid": h.uuid,
-                "format": "luks", "cipher-mode": h.mode})
+    out.update({"format": "luks", "cipher-mode": h.mode})
     slots = []
     for s in h.slots:
         if s.enabled:
