@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         view = src.snapshot(_snapshot_name(args.snapshot)) if args.snapshot else src
         options = None
         if args.out_format == "qcow2":
-            options = qcow_options(opts, args.dest, view.size)
+            options = qcow_options(opts, args.dest, view.size, args.secrets)
             if options.data_file or options.preallocation != "off":
                 raise CommandError(f"{args.dest}: data_file and preallocation are not "
                                    f"supported for convert output")
@@ -85,12 +85,17 @@ def run(args: argparse.Namespace) -> int:
                 options.backing_file, options.backing_format = args.backing, bfmt
                 if not args.force_share:
                     lock_chain(backing.layers)
+            if options.encrypt_format and (args.compress or args.backing):
+                raise CommandError(f"{args.dest}: compression and a backing file are not "
+                                   f"supported with encryption")
             validate(args.dest, options)
         refuse_if_in_use(args.dest)
         show = args.progress and not args.quiet
         with progress_bar(show, view.size, "convert") as step:
             if options is None:
                 engine.to_raw(view, args.dest, step)
+            elif options.encrypt_format:
+                engine.to_encrypted_qcow2(view, args.dest, options, step)
             else:
                 engine.to_qcow2(view, args.dest, options, compress=args.compress,
                                 backing=backing, progress=step)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -203,3 +205,78 @@ def unlock_luks(read: Callable[[int, int], bytes], area: int, password: bytes) -
 
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)
+
+
+# --- creating a LUKS header -------------------------------------------------------------------
+
+MIN_ITERATIONS = 1000
+
+
+def _iterations_per_second(hash_name: str, secret: bytes) -> float:
+    rounds = 1 << 14
+    while True:
+        t0 = time.perf_counter()
+        luks.pbkdf2(hash_name, secret, bytes(luks.SALT_LEN), rounds, luks.DIGEST_LEN)
+        spent = time.perf_counter() - t0
+        if spent > 0.05 or rounds >= 1 << 24:
+            return rounds / max(spent, 1e-6)
+        rounds *= 4
+
+
+def new_luks_area(password: bytes, *, cipher_alg: str = "aes-256", cipher_mode: str = "xts",
+                  ivgen_alg: str = "plain64", ivgen_hash_alg: str = "sha256",
+                  hash_alg: str = "sha256", iter_time_ms: int = 2000) -> bytes:
+    """A LUKS1 header with key slot 0 holding a new random master key under ``password``,
+    laid out as QEMU lays it out (slots 4 KiB apart after the header, 4000 stripes, payload
+    offset just past the eighth slot); PBKDF2 rounds are timed to ``iter_time_ms`` for the
+    slot and an eighth of it for the master-key digest, at least 1000, as QEMU does.
+    Returns the whole encryption area (its length is the payload offset)."""
+    name, _, bits = cipher_alg.partition("-")
+    sizes = luks.CIPHER_KEY_SIZES.get(name)
+    if sizes is None or name not in ("aes", "sm4"):
+        raise UnsupportedError(None, f"cipher {cipher_alg!r} is not supported")
+    key_size = int(bits) // 8 if bits.isdigit() else sizes[0]
+    if key_size not in sizes:
+        raise UnsupportedError(None, f"cipher {cipher_alg!r} is not supported")
+    if cipher_mode not in ("xts", "cbc", "ecb"):
+        raise UnsupportedError(None, f"cipher mode {cipher_mode!r} is not supported")
+    if ivgen_alg not in luks.IVGENS:
+        raise UnsupportedError(None, f"IV generator {ivgen_alg!r} is not supported")
+    for h in (hash_alg, ivgen_hash_alg):
+        if h not in luks.HASHES or h == "ripemd160":
+            raise UnsupportedError(None, f"hash {h!r} is not supported")
+    key_bytes = key_size * 2 if cipher_mode == "xts" else key_size
+    if key_bytes * luks.STRIPES % SECTOR:
+        raise UnsupportedError(None, f"{cipher_alg}-{cipher_mode} key material is not whole "
+                                     f"sectors (QEMU cannot open such an image)")
+    mode_spec = f"{cipher_mode}-{ivgen_alg}"
+    if ivgen_alg == "essiv":
+        mode_spec += f":{ivgen_hash_alg}"
+    master = random_bytes(key_bytes)
+    mk_salt = random_bytes(luks.SALT_LEN)
+    mk_iters = max(MIN_ITERATIONS,
+                   int(_iterations_per_second(hash_alg, master) * iter_time_ms / 1000 / 8))
+    stride = luks.slot_sectors(key_bytes, luks.STRIPES)
+    first = luks.KEY_SLOT_OFFSET // SECTOR
+    header = luks.LuksHeader(
+        name, mode_spec, hash_alg, first + luks.NUM_SLOTS * stride, key_bytes,
+        luks.pbkdf2(hash_alg, master, mk_salt, mk_iters, luks.DIGEST_LEN), mk_salt, mk_iters,
+        str(uuid.uuid4()),
+        [luks.KeySlot(luks.SLOT_DISABLED, 0, bytes(luks.SALT_LEN), first + i * stride,
+                      luks.STRIPES) for i in range(luks.NUM_SLOTS)])
+    luks.validate(header, header.payload_offset * SECTOR)
+    slot = header.slots[0]
+    slot.active = luks.SLOT_ENABLED
+    slot.salt = random_bytes(luks.SALT_LEN)
+    slot.iterations = max(MIN_ITERATIONS,
+                          int(_iterations_per_second(hash_alg, password) * iter_time_ms / 1000))
+    slot_key = luks.pbkdf2(hash_alg, password, slot.salt, slot.iterations, key_bytes)
+    stripes = luks.af_split(master, luks.STRIPES, hash_alg,
+                            random_bytes(key_bytes * (luks.STRIPES - 1)))
+    material = slot_cipher(header, slot_key).encrypt(stripes, 0)
+    area = bytearray(header.payload_offset * SECTOR)
+    packed = luks.pack_header(header)
+    area[:len(packed)] = packed
+    start = slot.key_offset * SECTOR
+    area[start:start + len(material)] = material
+    return bytes(area)
