@@ -3,7 +3,7 @@
 Both encrypt each 512-byte sector on its own, with an IV made from a sector number: the host
 sector for LUKS, the guest sector for legacy AES (QEMU's rules). A whole run of sectors is done
 in a handful of library calls, never a Python loop per sector: XTS computes every block's tweak
-for the run at once (numpy, GF(2^128) doubling in 64-bit lanes) around one ECB pass; CBC
+for the run at once (numpy, GF(2^128) shifts in 64-bit lanes) around one ECB pass; CBC
 decrypts in one ECB pass plus one XOR, and encrypts block column by block column across all
 sectors (32 ECB calls for any run length).
 
@@ -53,15 +53,22 @@ def _essiv_cipher_key_size(name: str, key_size: int, digest: int) -> int:
     raise UnsupportedError(None, f"no {name} cipher with a {digest}-byte key for essiv")
 
 
-def _mul_alpha_pow(lo, hi, m: int):
-    """Each 128-bit lane (``lo``, ``hi`` little-endian halves) times x^m in XTS's GF(2^128),
-    for 1 <= m <= 16: a shift, and the bits shifted out folded back with x^7 + x^2 + x + 1."""
-    sm, rm = np.uint64(m), np.uint64(64 - m)
-    carry = hi >> rm
-    new_hi = (hi << sm) | (lo >> rm)
-    new_lo = (lo << sm) ^ carry ^ (carry << np.uint64(1)) ^ (carry << np.uint64(2)) \
-        ^ (carry << np.uint64(7))
-    return new_lo, new_hi
+_J = np.arange(1, _BLOCKS, dtype=_U64)
+_RJ = np.uint64(64) - _J
+_ONE, _TWO, _SEVEN = np.uint64(1), np.uint64(2), np.uint64(7)
+
+
+def _tweak_table(t0: np.ndarray) -> np.ndarray:
+    """Each sector's first tweak times x^j in XTS's GF(2^128) for j = 0..31, all at once:
+    lanes are (lo, hi) little-endian halves; x^j is a shift by j, and the j bits shifted out
+    fold back times x^7 + x^2 + x + 1 (they stay below bit 38, so one fold is enough)."""
+    lo, hi = t0[:, 0:1], t0[:, 1:2]
+    carry = hi >> _RJ
+    t = np.empty((len(t0), _BLOCKS, 2), _U64)
+    t[:, 0, :] = t0
+    t[:, 1:, 1] = (hi << _J) | (lo >> _RJ)
+    t[:, 1:, 0] = (lo << _J) ^ carry ^ (carry << _ONE) ^ (carry << _TWO) ^ (carry << _SEVEN)
+    return t
 
 
 class SectorCipher:
@@ -97,15 +104,7 @@ class SectorCipher:
     def _tweaks(self, sector: int, count: int) -> np.ndarray:
         """Every block's XTS tweak for ``count`` sectors, shape (count, 32, 2)."""
         t0 = np.frombuffer(self._tweak_enc.update(self._ivs(sector, count).tobytes()), _U64)
-        t = np.empty((count, _BLOCKS, 2), _U64)
-        t[:, 0, :] = t0.reshape(count, 2)
-        have = 1
-        while have < _BLOCKS:
-            lo, hi = _mul_alpha_pow(t[:, :have, 0], t[:, :have, 1], have)
-            t[:, have:2 * have, 0] = lo
-            t[:, have:2 * have, 1] = hi
-            have *= 2
-        return t
+        return _tweak_table(t0.reshape(count, 2))
 
     def _shaped(self, data) -> tuple[np.ndarray, int, int]:
         n = len(data)
