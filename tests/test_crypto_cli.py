@@ -128,3 +128,29 @@ def test_unknown_secret_id_and_bad_objects_are_one_line_errors(images):
     assert res.code == 1 and "No secret with id 'nope'" in res.err
     res = qcowfs("map", "--object", "throttle-group,id=t", img)
     assert res.code == 1 and res.err.count("\n") == 1
+
+
+def test_commit_of_a_plain_overlay_into_a_luks_base(tmp_path: Path):
+    base = q.create_encrypted(tmp_path / "base.qcow2", 4 * MiB, KEY)
+    q.qemu_io_encrypted(base, [KEY], "write -P 0x21 0 4M")
+    top = q.create(tmp_path / "top.qcow2", 4 * MiB, backing=base.name)
+    q.qemu_io_encrypted(top, [None, KEY], "write -P 0x65 1M 100000")
+    want = q.to_raw_encrypted(top, tmp_path / "want.raw", [None, KEY])
+    objects, opts = q.encrypted_opts(top, [None, KEY])
+    res = qcowfs("commit", *objects, "--image-opts", opts)
+    assert res.code == 0, res.err
+    assert q.to_raw_encrypted(base, tmp_path / "got.raw", [KEY]) == want
+    assert q.check_encrypted(base, [KEY])[0] == 0
+
+
+def test_rebase_of_a_luks_overlay_keeps_the_guest_view(tmp_path: Path):
+    old = q.create(tmp_path / "old.qcow2", 4 * MiB)
+    q.qemu_io(old, "write -P 0x31 0 4M")
+    new = q.create(tmp_path / "new.qcow2", 4 * MiB)
+    top = q.create_encrypted(tmp_path / "top.qcow2", 4 * MiB, KEY, backing=old.name)
+    q.qemu_io_encrypted(top, [KEY], "write -P 0x44 2M 5000")
+    want = q.to_raw_encrypted(top, tmp_path / "want.raw", [KEY])
+    res = qcowfs("rebase", "-b", new.name, "-F", "qcow2", *_opts(top))
+    assert res.code == 0, res.err
+    assert q.to_raw_encrypted(top, tmp_path / "got.raw", [KEY]) == want
+    assert q.check_encrypted(top, [KEY])[0] == 0

@@ -18,6 +18,15 @@ Layer = Qcow2Image | RawImage
 Keys = Mapping[int, bytes] | Sequence[bytes | None] | None
 
 
+def keys_below(keys: Keys, depth: int) -> dict[int, bytes]:
+    """The keys of the chain that starts ``depth`` layers down, renumbered from 0."""
+    if keys is None:
+        return {}
+    if isinstance(keys, Mapping):
+        return {d - depth: k for d, k in keys.items() if d >= depth and k is not None}
+    return {i: k for i, k in enumerate(keys[depth:]) if k is not None}
+
+
 def key_for(keys: Keys, depth: int) -> bytes | None:
     if keys is None:
         return None

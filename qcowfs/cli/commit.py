@@ -29,7 +29,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     empty = not (args.drop or args.base)
     with progress_bar(args.progress and not args.quiet, None, "commit") as step:
-        commit(args.file, args.base, empty=empty, fmt=args.format, progress=step)
+        commit(args.file, args.base, empty=empty, fmt=args.format, progress=step,
+               keys=args.keys.get("file"))
     if not args.quiet:
         print("Image committed.")
     return 0

@@ -33,5 +33,5 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     with progress_bar(args.progress and not args.quiet, None, "rebase") as step:
         rebase(args.file, args.backing, args.backing_format, unsafe=args.unsafe,
-               fmt=args.format, progress=step)
+               fmt=args.format, progress=step, keys=args.keys.get("file"))
     return 0
