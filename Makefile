@@ -3,6 +3,7 @@
 #   make demo   mount a sample chain, show it off, unmount
 #   make bench  fio through qcowfs beside qemu-storage-daemon (see docs/performance.md)
 #   make bench-engine  the library's reads and writes against os.pread/os.pwrite
+#   make bench-cli  every offline command beside qemu-img on the same files (docs/performance.md)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -14,7 +15,8 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gc
 BENCH_APT_PACKAGES := fio qemu-system-common
 PYTEST_ARGS ?=
 
-.PHONY: all test lint system-deps bench-deps venv demo bench bench-engine clean install-helper
+.PHONY: all test lint system-deps bench-deps venv demo bench bench-engine bench-cli clean \
+        install-helper
 
 all: test
 
@@ -45,6 +47,9 @@ demo: system-deps venv
 
 bench: system-deps bench-deps venv
 	$(VPY) bench/bench_fuse.py
+
+bench-cli: system-deps venv
+	$(VPY) bench/bench_cli.py
 
 bench-engine: system-deps venv
 	$(VPY) bench/bench_read.py

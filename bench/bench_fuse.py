@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchhost import host_summary
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -308,21 +309,12 @@ def big_image(d: Path) -> dict:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    fs = sh("stat", "-f", "-c", "%T", OUT, check=False).stdout.strip()
     import pyfuse3
     import trio
     qemu = sh("qemu-storage-daemon", "--version").stdout.splitlines()[0]
     fio_v = sh("fio", "--version").stdout.strip()
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; Linux {platform.release()}; "
-            f"bench files on {fs}; Python {platform.python_version()}, pyfuse3 "
-            f"{pyfuse3.__version__}, trio {trio.__version__}; {qemu}; {fio_v}")
+    return (f"{host_summary(OUT)}, pyfuse3 {pyfuse3.__version__}, trio {trio.__version__}; "
+            f"{qemu}; {fio_v}")
 
 
 def table(results: list[dict]) -> str:
@@ -384,6 +376,9 @@ def main() -> int:
     print()
     print(dio_text)
     doc = REPO / "docs" / "performance.md"
+    # make bench-cli's section stays as it is
+    kept = doc.read_text().partition("## Offline commands: `make bench-cli`")
+    cli_section = "\n" + kept[1] + kept[2] if kept[1] else ""
     doc.write_text(
         "# qcowfs performance\n\n"
         "Written by `make bench` (`bench/bench_fuse.py`): fio through qcowfs beside "
@@ -413,7 +408,8 @@ def main() -> int:
         "qcowfs's own FUSE direct I/O switch (`-o direct_io=on`, the default, against "
         "`direct_io=off`) for buffered I/O, same samples and medians; with `off` the kernel "
         "page cache serves repeated reads:\n\n"
-        f"{dio_text}\n\nWhere the time goes: see docs/mount.md, \"Performance\".\n")
+        f"{dio_text}\n\nWhere the time goes: see docs/mount.md, \"Performance\".\n"
+        f"{cli_section}")
     print(f"\nwrote {doc}")
     return 0
 

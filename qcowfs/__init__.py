@@ -11,7 +11,6 @@ The public library interface::
 Every problem with an image raises a subclass of :class:`ImageError`.
 """
 
-from typing import TYPE_CHECKING
 
 from qcowfs.errors import (
     BackingChainError,
@@ -26,6 +25,7 @@ from qcowfs.errors import (
     UnsupportedError,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from qcowfs.chain.disk import Disk, SnapshotDisk, SnapshotInfo, open_image
 

@@ -39,3 +39,13 @@ def qcowfs_subprocess(*args: str | os.PathLike, timeout: float = 60,
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "qcowfs", *[str(a) for a in args]],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def two_copies(src: Path, d: Path) -> tuple[Path, Path]:
+    """(theirs.qcow2, ours.qcow2) in ``d``: the same image, one for qemu-img, one for qcowfs."""
+    import shutil
+
+    theirs, ours = d / "theirs.qcow2", d / "ours.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    return theirs, ours

@@ -5,13 +5,12 @@ data unchanged."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cli_helpers import qcowfs
+from cli_helpers import qcowfs, two_copies
 from qemutools import create, poke, qemu_img, qemu_io, run
 
 
@@ -189,12 +188,18 @@ CASES: dict[str, Callable[[Path], Path]] = {
 }
 
 
+@pytest.fixture(autouse=True, params=["per-entry", "whole-table"])
+def scan(request, monkeypatch):
+    """Every case twice: the per-entry passes small images take, and the numpy whole-table
+    passes of large images, forced on these small ones."""
+    from qcowfs.image import scanmode
+    limit = 0 if request.param == "whole-table" else 1 << 62
+    monkeypatch.setattr(scanmode, "WHOLE_TABLE_MIN_CLUSTERS", limit)
+    return request.param
+
+
 def pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    src = CASES[name](tmp_path)
-    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
-    shutil.copy(src, theirs)
-    shutil.copy(src, ours)
-    return theirs, ours
+    return two_copies(CASES[name](tmp_path), tmp_path)
 
 
 def their_check(path: Path, *extra: str) -> tuple[int, dict]:

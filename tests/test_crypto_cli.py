@@ -58,7 +58,7 @@ def test_info_needs_no_key_and_matches_qemu_img(images, kind: str):
 def test_convert_to_raw_with_image_opts_matches_qemu(images, kind: str, tmp_path: Path):
     img = images[kind]
     want = q.to_raw_encrypted(img, tmp_path / "want.raw", [KEY])
-    res = qcowfs("convert", *_opts(img), "-O", "raw", tmp_path / "got.raw")
+    res = qcowfs("convert", "-O", "raw", *_opts(img), tmp_path / "got.raw")
     assert res.code == 0, res.err
     assert (tmp_path / "got.raw").read_bytes() == want
 
@@ -67,7 +67,7 @@ def test_wrong_key_is_one_line_and_leaves_no_output(images, tmp_path: Path):
     img = images["luks"]
     objects, opts = q.encrypted_opts(img, ["not the key"])
     out = tmp_path / "out.raw"
-    res = qcowfs("convert", *objects, "--image-opts", opts, "-O", "raw", out)
+    res = qcowfs("convert", "-O", "raw", *objects, "--image-opts", opts, out)
     assert res.code == 1
     assert res.err == f"qcowfs: convert: {img}: invalid password\n"
     assert not out.exists()

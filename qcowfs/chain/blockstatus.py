@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from qcowfs.format.tables import ClusterKind
+from qcowfs.image import scanmode
 from qcowfs.image.info import allocated_bytes
 from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.raw import RawImage
@@ -68,6 +69,7 @@ class ChainStatus:
         self.layers = layers
         self.names = names or [layer.path for layer in layers]
         self._prealloc: dict[int, bool] = {}
+        self._whole: dict[int, bool] = {}
 
     @property
     def size(self) -> int:
@@ -108,7 +110,7 @@ class ChainStatus:
                 yield MapEntry(e.offset, e.length, depth, True, not data, data, e.offset, name)
             return
         data_name = _data_file_name(layer, name)
-        for e in layer.active.extents(pos, n):
+        for e in self._extents(depth, pos, n):
             kind = e.kind
             if kind == ClusterKind.NORMAL:
                 if self._metadata_preallocated(depth):
@@ -158,6 +160,20 @@ class ChainStatus:
             yield MapEntry(pos, step, depth, True, hole, True, host, name)
             pos += step
             host += step
+
+    def _extents(self, depth: int, pos: int, n: int) -> list:
+        """The layer's extents: a large image's whole L2 tables at once (see
+        qcowfs.image.scanmode), a small one's entry by entry."""
+        layer = self.layers[depth]
+        assert isinstance(layer, Qcow2Image)
+        whole = self._whole.get(depth)
+        if whole is None:
+            whole = scanmode.whole_tables(-(-layer.file.size // layer.cluster_size))
+            self._whole[depth] = whole
+        if whole:
+            from qcowfs.image import tablescan
+            return tablescan.mapping_extents(layer.active, pos, n)
+        return layer.active.extents(pos, n)
 
     def _metadata_preallocated(self, depth: int) -> bool:
         found = self._prealloc.get(depth)

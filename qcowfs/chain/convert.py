@@ -10,8 +10,15 @@ is not becomes a zero cluster).
 
 from __future__ import annotations
 
+import functools
+import os
+import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+from qcowfs.format.compression import compress_cluster
 from qcowfs.image.create import QcowOptions, create_raw
 from qcowfs.image.hostfile import HostFile
 from qcowfs.image.sequential import SequentialQcow2Writer
@@ -20,10 +27,23 @@ from .blockstatus import ChainStatus
 from .disk import Disk, SnapshotDisk
 
 SPARSE_BLOCK = 4096
-CHUNK = 2 * 1024 * 1024
+CHUNK = 4 * 1024 * 1024  # bytes read (and zero-scanned) per step
+IN_FLIGHT = 3  # chunks being compressed at once, at most
 Progress = Callable[[int], None]
 
 Source = Disk | SnapshotDisk
+
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+def _is_zero(data: bytes, start: int, end: int) -> bool:
+    """Whether data[start:end] is all zero bytes: one memory compare in place
+    (``bytes.startswith`` with bounds; a memoryview comparison goes byte by byte)."""
+    return data.startswith(_zeros(end - start), start, end)
 
 
 def _nonzero_runs(src: Source) -> Iterator[tuple[int, int]]:
@@ -37,30 +57,125 @@ def _nonzero_runs(src: Source) -> Iterator[tuple[int, int]]:
         yield e.start, e.start + e.length
 
 
+class _ReadAhead:
+    """The items of ``items`` produced on a thread of their own, up to ``depth`` ahead of the
+    consumer, in order: the source is read (and decompressed) while the output is written.
+    Only that thread touches the source while it runs (the image's caches are not made for
+    threads); an error there is raised in the consumer."""
+
+    def __init__(self, items: Iterator, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True,
+                                        name="convert-read")
+        self._thread.start()
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            self._put((False, exc))
+            return
+        self._put((False, None))
+
+    def _put(self, message: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            ok, value = self._queue.get()
+            if ok:
+                yield value
+            elif value is None:
+                return
+            else:
+                raise value
+
+    def __enter__(self) -> _ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _read_chunks(src: Source, runs: Iterator[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    for start, end in runs:
+        pos = start
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            yield pos, src.read(pos, n)
+            pos += n
+
+
+def data_spans(data: bytes, pos: int, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
+    """The [start, end) offsets into ``data`` (guest bytes from ``pos``) left when every
+    all-zero block of the guest's ``block`` grid is cut out (the chunk's own edges count as
+    block edges). The scanning is done by ``bytes.find`` and memory compares, never a loop
+    over bytes: a zero block is found by searching for ``block`` zero bytes, and a zero run is
+    followed in doubling steps."""
+    n = len(data)
+    if _is_zero(data, 0, n):
+        return []
+    zero_block = _zeros(block)
+    spans = []
+    start = 0  # of the data span being built
+    head = (-pos) % block  # a partial first block: shorter than the search string
+    if 0 < head < n and _is_zero(data, 0, head):
+        start = head
+    i = start
+    while True:
+        j = data.find(zero_block, i)
+        if j < 0:
+            break
+        a = j if j == 0 else j + (-(pos + j)) % block  # the first block edge at or after j
+        if a >= n:
+            break
+        be = min(n, a + block - (pos + a) % block)
+        if not _is_zero(data, a, be):
+            i = be
+            continue
+        e, step = be, block
+        while e < n:
+            m = min(step, n - e)
+            if _is_zero(data, e, e + m):
+                e += m
+                step *= 2
+            elif step == block:
+                break
+            else:
+                step //= 2
+        if a > start:
+            spans.append((start, a))
+        start = i = e
+    if start < n:
+        tail = n - (pos + n) % block  # where a partial last block starts
+        end = tail if start < tail < n and _is_zero(data, tail, n) else n
+        spans.append((start, end))
+    return spans
+
+
 def to_raw(src: Source, dst: str, progress: Progress | None = None) -> None:
     """Write the guest disk of ``src`` to a new sparse raw file ``dst``."""
     create_raw(dst, src.size)
     out = HostFile(dst, writable=True)
     try:
         out.truncate(src.size)
-        zero = bytes(SPARSE_BLOCK)
-        for start, end in _nonzero_runs(src):
-            pos = start
-            while pos < end:
-                n = min(CHUNK, end - pos)
-                data = src.read(pos, n)
+        with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+            for pos, data in chunks:
                 view = memoryview(data)
-                i = 0
-                while i < len(data):
-                    # blocks aligned to the guest's 4 KiB grid
-                    step = min(SPARSE_BLOCK - (pos + i) % SPARSE_BLOCK, len(data) - i)
-                    block = view[i:i + step]
-                    if block != zero[:step]:
-                        out.write(pos + i, block)
-                    i += step
-                pos += n
+                for s, e in data_spans(data, pos):
+                    out.write(pos + s, view[s:e])
                 if progress:
-                    progress(n)
+                    progress(len(data))
         out.sync()
     finally:
         out.close()
@@ -70,9 +185,15 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
              backing: Disk | None = None, progress: Progress | None = None) -> None:
     """Write the guest disk of ``src`` to a new qcow2 image ``dst`` (``options.size`` is
     ignored: the source's size is used). With ``backing`` (which ``options`` must name),
-    only what differs from it is stored."""
+    only what differs from it is stored.
+
+    The source is read a chunk of clusters at a time; a run of data clusters goes out in one
+    write. With ``compress``, the clusters of a chunk are compressed by a pool of threads (one
+    per core: zlib and zstandard release the GIL) while the next chunks are read, and are
+    written in guest order as they come back."""
     options = QcowOptions(**{**options.__dict__, "size": src.size})
     writer = SequentialQcow2Writer(dst, options, compress=compress)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if compress else None
     try:
         cs = writer.cs
         size = src.size
@@ -80,27 +201,102 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
         if backing is not None:
             ranges = _union(ranges, _cluster_ranges(
                 ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
-        for first, last in ranges:
-            for c in range(first, last):
-                off = c * cs
-                data = src.read(off, cs).ljust(cs, b"\0")
-                zero = data.count(0) == cs
-                if backing is not None:
-                    below = backing.read(off, cs).ljust(cs, b"\0") if off < backing.size \
-                        else bytes(cs)
-                    if below == data:
-                        pass
-                    elif zero:
-                        writer.zero_cluster(c)
-                    else:
-                        writer.write_cluster(c, data)
-                elif not zero:
-                    writer.write_cluster(c, data)
+        pending: deque = deque()  # (first cluster, data, actions, compressed streams)
+        with _ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
+            for c, data, below in chunks:
+                actions = _cluster_actions(data, below, cs)
+                packed = None
+                if pool is not None:
+                    t = writer.compression_type
+                    view = memoryview(data)
+                    packed = [pool.submit(compress_cluster, view[i * cs:(i + 1) * cs], t)
+                              if act == "data" else None for i, act in actions]
+                pending.append((c, data, actions, packed))
+                while len(pending) > (IN_FLIGHT if pool is not None else 0):
+                    _store(writer, *pending.popleft())
                 if progress:
-                    progress(min(cs, size - off))
+                    progress(min(len(data), size - c * cs))
+        while pending:
+            _store(writer, *pending.popleft())
         writer.finish()
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         writer.close()
+
+
+def _cluster_chunks(src: Source, backing: Disk | None, ranges: list[tuple[int, int]], cs: int
+                    ) -> Iterator[tuple[int, bytes, bytes | None]]:
+    """(first cluster, its chunk of guest bytes, the backing file's bytes there or None)."""
+    per_chunk = max(1, CHUNK // cs)
+    for first, last in ranges:
+        c = first
+        while c < last:
+            k = min(per_chunk, last - c)
+            data = _read_clusters(src, c * cs, k * cs)
+            below = _read_clusters(backing, c * cs, k * cs) if backing is not None else None
+            yield c, data, below
+            c += k
+
+
+def _read_clusters(src: Source, offset: int, n: int) -> bytes:
+    """``n`` guest bytes at ``offset``, zeros past the end of the disk."""
+    data = src.read(offset, n) if offset < src.size else b""
+    return data if len(data) == n else data + bytes(n - len(data))
+
+
+def _cluster_actions(data: bytes, below: bytes | None, cs: int) -> list[tuple[int, str]]:
+    """What each cluster of a chunk needs: ("data", i) or ("zero", i) (zero where the
+    backing file is not); clusters with nothing to store are left out."""
+    out = []
+    for i in range(len(data) // cs):
+        start, end = i * cs, (i + 1) * cs
+        is_zero = _is_zero(data, start, end)
+        if below is not None:
+            if data.startswith(below[start:end], start, end):
+                continue
+            if is_zero:
+                out.append((i, "zero"))
+                continue
+        elif is_zero:
+            continue
+        out.append((i, "data"))
+    return out
+
+
+def _store(writer: SequentialQcow2Writer, first: int, data: bytes,
+           actions: list[tuple[int, str]], packed: list | None) -> None:
+    """Write one chunk's clusters in guest order: runs of data clusters in one write each,
+    or each cluster's compressed stream."""
+    cs = writer.cs
+    view = memoryview(data)
+    run: list[int] = []  # consecutive data clusters not written yet
+    streams: list[tuple[int, bytes]] = []  # compressed clusters not written yet
+
+    def flush() -> None:
+        if run:
+            writer.write_clusters(first + run[0], view[run[0] * cs:(run[-1] + 1) * cs])
+            run.clear()
+        if streams:
+            writer.write_streams(streams)
+            streams.clear()
+
+    for n, (i, act) in enumerate(actions):
+        if act == "zero":
+            flush()
+            writer.zero_cluster(first + i)
+        elif packed is not None:
+            stream = packed[n].result()
+            if stream is None:  # does not compress: stored as it is
+                flush()
+                writer.write_clusters(first + i, view[i * cs:(i + 1) * cs])
+            else:
+                streams.append((first + i, stream))
+        else:
+            if run and run[-1] != i - 1:
+                flush()
+            run.append(i)
+    flush()
 
 
 def _cluster_ranges(runs, cs: int) -> Iterator[tuple[int, int]]:

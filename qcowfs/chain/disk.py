@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import errno as _errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
 from qcowfs.format.snapshot import SnapshotEntry
@@ -16,6 +15,7 @@ from qcowfs.image.raw import RawImage
 from .locks import lock_chain
 from .resolve import Keys, Layer, open_chain
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from qcowfs.image.write import Qcow2Writer
 

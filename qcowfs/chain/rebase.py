@@ -2,7 +2,8 @@
 
 Safe mode keeps the guest view: every range the image does not hold itself, and where the old
 and the new backing chain differ, gets the old data copied into the image (written and flushed)
-before the header names the new backing file. Unsafe mode only rewrites the header. An empty
+before the header names the new backing file; a range both chains' block status says reads as
+zeros is not read at all. Unsafe mode only rewrites the header. An empty
 new name detaches the image (safe mode then copies in everything the old chain provided).
 """
 
@@ -26,16 +27,16 @@ Progress = Callable[[int], None]
 
 def rebase(path: str, new_backing: str, new_format: str | None, *, unsafe: bool = False,
            fmt: str | None = None, progress: Progress | None = None,
-           keys: Keys = None) -> None:
+           force_share: bool = False, keys: Keys = None) -> None:
     """Rebase ``path`` onto ``new_backing`` (relative to ``path``'s folder; "" detaches).
-    ``keys`` unlock encrypted layers by depth; the new backing chain takes those from depth 1
-    on."""
+    ``force_share`` reads the new backing chain even when another process writes it. ``keys``
+    unlock encrypted layers by depth; the new backing chain takes those from depth 1 on."""
     if new_backing and new_format is None:
         if unsafe:
             raise ImageError(path, "backing format must be specified (-F) with -u")
         new_format = probe_format(backing_path(path, new_backing))
     if not unsafe:
-        _copy_differences(path, new_backing, new_format, fmt, progress, keys)
+        _copy_differences(path, new_backing, new_format, fmt, progress, force_share, keys)
     img = Qcow2Image.open(path, writable=True, open_data_file=False)
     try:
         locking.acquire(img.file.fd, path, locking.LockMode.WRITE)
@@ -45,7 +46,8 @@ def rebase(path: str, new_backing: str, new_format: str | None, *, unsafe: bool 
 
 
 def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: str | None,
-                      progress: Progress | None, keys: Keys = None) -> None:
+                      progress: Progress | None, force_share: bool, keys: Keys = None
+                      ) -> None:
     disk = open_image(path, writable=True, format=fmt, keys=keys)
     new: Disk | None = None
     try:
@@ -54,13 +56,19 @@ def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: 
         if new_backing:
             new = Disk(open_chain(backing_path(path, new_backing), fmt=new_format,
                                   keys=keys_below(keys, 1)), False)
-            lock_chain(new.layers)
+            if not force_share:
+                lock_chain(new.layers)
         cs = disk.top.cluster_size
+        new_status = ChainStatus(new.layers) if new is not None else None
         for e in ChainStatus(disk.layers).merged():
             if e.depth == 0 and e.present:
                 if progress:
                     progress(e.length)
                 continue  # the image holds it itself
+            if e.zero and not e.data and _reads_as_zero(new_status, e.start, e.length):
+                if progress:
+                    progress(e.length)
+                continue  # zeros in the old chain and in the new one: nothing to compare
             pos, end = e.start, e.start + e.length
             while pos < end:
                 n = min(CHUNK - pos % cs, end - pos)
@@ -76,6 +84,14 @@ def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: 
         if new is not None:
             new.close()
         disk.close()
+
+
+def _reads_as_zero(status: ChainStatus | None, start: int, length: int) -> bool:
+    """Whether the new chain's block status says [start, start + length) reads as zeros
+    (no chain, or past its end, reads as zeros too)."""
+    if status is None:
+        return True
+    return all(e.zero and not e.data for e in status.merged(start, length))
 
 
 def _read(view: Disk | None, pos: int, n: int) -> bytes:

@@ -12,7 +12,7 @@ from qcowfs.chain.resolve import probe_format
 from qcowfs.image.check import FIX_ALL, FIX_LEAKS, CheckResult, check_image
 from qcowfs.image.qcow2 import Qcow2Image
 
-from .common import add_force_share, add_output, add_probed_format, print_json
+from .common import add_cache_modes, add_force_share, add_output, add_probed_format, print_json
 from .imageopts import add_image_source
 from .main import CommandError
 
@@ -32,6 +32,7 @@ def register(sub) -> None:
                    help="repair leaks only, or all errors (refcounts, COPIED flags)")
     add_output(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    add_cache_modes(p, target=False, source=True)
     add_force_share(p, "check even when another process holds the image (no repair)")
     p.add_argument("file")
     add_image_source(p, "file")

@@ -6,6 +6,7 @@ import argparse
 
 from qcowfs.chain.commit import commit
 
+from .common import add_cache_modes, add_rate_limit, warn_rate_limit
 from .imageopts import add_image_source
 from .progress import progress_bar
 
@@ -21,12 +22,15 @@ def register(sub) -> None:
                    help="do not empty FILE afterwards")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    add_cache_modes(p, target=True)
+    add_rate_limit(p)
     p.add_argument("file")
     add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    warn_rate_limit(args)
     empty = not (args.drop or args.base)
     with progress_bar(args.progress and not args.quiet, None, "commit") as step:
         commit(args.file, args.base, empty=empty, fmt=args.format, progress=step,

@@ -4,7 +4,6 @@ objects, option strings, and the arguments several commands take."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -23,23 +22,62 @@ def size_to_str(value: int) -> str:
     return f"{value / (1 << (10 * i)):0.3g} {_SUFFIXES[i]}B"
 
 
-def parse_size(text: str) -> int:
-    """A size with an optional k/M/G/T/P/E suffix (binary), as qemu-img reads it; a fraction
-    is allowed with a suffix ("1.5G")."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtpeBKMGTPE]?)\s*", text)
+SIZE_ERROR = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
+              "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+SIZE_RANGE_ERROR = "Invalid image size specified. Must be between 0 and 9223372036854775807."
+_SIZE = re.compile(r"\s*(?:(0[xX][0-9a-fA-F]+)|(\d+)(?:\.(\d*))?)([bBkKmMgGtTpPeE]?)")
+
+
+class SizeError(ValueError):
+    """A size string qemu-img would refuse; the message is qemu-img's."""
+
+
+def parse_size(text: str, warn=None) -> int:
+    """A size as qemu-img reads it: decimal or 0x hex, then an optional binary suffix
+    (b, k, M, G, T, P, E, any case). Leading blanks are skipped, trailing ones refused; a
+    fraction needs a digit before the point, and a suffix above bytes unless it is zero ("1.5G", "5.k", "1.0"); hex
+    with a suffix is taken with ``warn``'s deprecation warning, as qemu-img 7.2 does.
+    Raises SizeError with qemu-img's message."""
+    m = _SIZE.fullmatch(text)
     if not m:
-        raise ValueError(f"invalid size {text!r}")
-    number, unit = m.groups()
+        raise SizeError(SIZE_ERROR)
+    hexa, whole, fraction, unit = m.groups()
     mult = _UNITS[unit.lower()]
-    if "." in number:
-        if unit == "":
-            raise ValueError(f"invalid size {text!r}")
-        value = int(float(number) * mult)
+    if hexa is not None:
+        value = int(hexa, 16)
+        if unit and warn is not None:
+            warn(f"Using a multiplier suffix on hex numbers is deprecated: {text}")
+        value *= mult
     else:
-        value = int(number) * mult
+        value = int(whole) * mult
+        if fraction is not None:
+            if mult == 1 and fraction.strip("0"):
+                raise SizeError(SIZE_ERROR)
+            if fraction:
+                value += int(fraction) * mult // 10 ** len(fraction)
     if value >= 1 << 63:
-        raise ValueError(f"size {text!r} is too large")
+        raise SizeError(SIZE_RANGE_ERROR)
     return value
+
+
+def parse_relative_size(text: str, warn=None) -> tuple[str, int]:
+    """``[+|-]SIZE`` (resize's form): the sign ('' for absolute) and the amount."""
+    sign = text[:1] if text[:1] in ("+", "-") else ""
+    return sign, parse_size(text[len(sign):], warn)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, where qemu-img prints its own: ``qcowfs: warning: ...``."""
+    print(f"qcowfs: warning: {message}", file=sys.stderr)
+
+
+def warn_probed_raw(disk, shown: str) -> None:
+    """qemu-img's warning for an image opened for writing whose format was guessed as raw."""
+    if getattr(disk.top, "probed", False):
+        warn(f"Image format was not specified for '{shown}' and probing guessed raw. "
+             f"Automatically detecting the format is dangerous for raw images, write "
+             f"operations on block 0 will be restricted. Specify the 'raw' format explicitly "
+             f"to remove the restrictions.")
 
 
 def parse_options(texts: list[str] | None) -> dict[str, str]:
@@ -66,6 +104,51 @@ def add_force_share(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("-U", "--force-share", action="store_true", help=help)
 
 
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def _cache_mode(what: str):
+    def check(text: str) -> str:
+        if text not in CACHE_MODES:
+            raise argparse.ArgumentTypeError(f"Invalid {what}cache option: {text}")
+        return text
+    return check
+
+
+def add_cache_modes(parser: argparse.ArgumentParser, target: bool = True,
+                    source: bool = False) -> None:
+    """qemu-img's ``-t CACHE`` (the image written) and ``-T SRC_CACHE`` (images read). qcowfs
+    always goes through the host page cache and flushes what it wrote before it exits, so
+    every mode gives the same result and is at least as safe as QEMU's writeback."""
+    if target:
+        parser.add_argument("-t", dest="cache", metavar="CACHE", type=_cache_mode(""),
+                            help="cache mode of the image written (accepted; see docs/cli.md)")
+    if source:
+        parser.add_argument("-T", dest="src_cache", metavar="SRC_CACHE",
+                            type=_cache_mode("source "),
+                            help="cache mode of the images read (accepted; see docs/cli.md)")
+
+
+def _rate_limit(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError:
+        raise argparse.ArgumentTypeError(
+            "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+
+
+def add_rate_limit(parser: argparse.ArgumentParser) -> None:
+    """qemu-img's ``-r RATE_LIMIT`` (bytes per second)."""
+    parser.add_argument("-r", dest="rate_limit", metavar="RATE_LIMIT", type=_rate_limit,
+                        help="bytes per second (accepted, not enforced: a warning says so)")
+
+
+def warn_rate_limit(args: argparse.Namespace) -> None:
+    if getattr(args, "rate_limit", None):
+        warn("-r: qcowfs does not limit its rate; copying at full speed")
+
+
 def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", choices=("human", "json"), default="human",
                         help="output format (default: human)")
@@ -78,6 +161,8 @@ def print_json(value) -> None:
 
 
 def _json(value, level: int) -> str:
+    import json  # only --output=json pays for it (start-up time)
+
     pad = "    " * (level + 1)
     end = "    " * level
     if isinstance(value, dict):

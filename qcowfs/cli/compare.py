@@ -9,7 +9,7 @@ from qcowfs.chain.disk import Disk
 from qcowfs.chain.locks import lock_chain
 from qcowfs.chain.resolve import open_chain
 
-from .common import add_force_share
+from .common import add_cache_modes, add_force_share
 from .imageopts import add_image_source
 from .progress import progress_bar
 
@@ -30,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("-p", "--progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     add_force_share(p, "read even when another process holds the images")
+    add_cache_modes(p, target=False, source=True)
     p.add_argument("file_a")
     p.add_argument("file_b")
     add_image_source(p, "file_a", "file_b")

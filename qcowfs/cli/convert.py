@@ -11,8 +11,17 @@ from qcowfs.chain.locks import lock_chain, refuse_if_in_use
 from qcowfs.chain.resolve import backing_path, open_chain, probe_format
 from qcowfs.image.create import validate
 
-from .common import add_force_share, add_probed_format, parse_options
-from .create import QCOW2_OPTIONS, qcow_options
+from .common import (
+    SizeError,
+    add_cache_modes,
+    add_force_share,
+    add_probed_format,
+    add_rate_limit,
+    parse_options,
+    parse_size,
+    warn_rate_limit,
+)
+from .create import QCOW2_OPTIONS, print_option_help, qcow_options, wants_help
 from .imageopts import add_image_source
 from .main import CommandError
 from .progress import progress_bar
@@ -40,10 +49,60 @@ def register(sub) -> None:
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     add_force_share(p, "read the source even when another process holds it")
-    p.add_argument("source")
-    add_image_source(p, "source")
-    p.add_argument("dest")
+    add_cache_modes(p, target=True, source=True)
+    add_rate_limit(p)
+    p.add_argument("-m", dest="coroutines", type=_coroutines, metavar="NUM_COROUTINES",
+                   help="parallel requests, 1 to 16 (qcowfs sizes its own pool; accepted)")
+    p.add_argument("-W", dest="out_of_order", action="store_true",
+                   help="allow out-of-order writes (accepted)")
+    p.add_argument("-C", dest="copy_offload", action="store_true",
+                   help="copy offloading (accepted: qcowfs copies itself)")
+    p.add_argument("-S", dest="sparse_size", type=_sparse_size, metavar="SPARSE_SIZE",
+                   help="zero-run size that becomes a hole (multiple of 512 up to 16M)")
+    p.add_argument("-n", dest="no_create", action="store_true",
+                   help="write into an existing target (not supported yet)")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="the -n target reads as zeros")
+    p.add_argument("--salvage", action="store_true",
+                   help="go on past read errors (not supported yet)")
+    p.add_argument("files", nargs="*", metavar="FILE",
+                   help="the source image, then the output image")
+    add_image_source(p, "files")
     p.set_defaults(func=run)
+
+
+def _coroutines(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise argparse.ArgumentTypeError("Invalid number of coroutines. Allowed number of "
+                                         "coroutines is between 1 and 16")
+    return int(text)
+
+
+def _sparse_size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except SizeError:
+        value = -1
+    if value < 0 or value % 512 or value > 16 << 20:
+        raise argparse.ArgumentTypeError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
+            "up to 16777216. Select 0 to disable sparse detection (fully allocates output).")
+    return value
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    """qemu-img forms that parse but would change what convert does in ways qcowfs does not
+    do yet: refused by name rather than ignored."""
+    if args.target_is_zero and not args.no_create:
+        raise CommandError("--target-is-zero requires use of -n flag")
+    if args.no_create:
+        raise CommandError(f"{args.dest}: -n (write into an existing target) is not supported")
+    if args.salvage:
+        raise CommandError("--salvage is not supported")
+    if args.sparse_size == 0:
+        raise CommandError("-S 0 (fully allocated output) is not supported")
+    if len(args.files) > 2:
+        raise CommandError("converting several source images into one is not supported")
 
 
 def _snapshot_name(text: str) -> str:
@@ -54,6 +113,15 @@ def _snapshot_name(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.source = args.files[0] if len(args.files) > 1 else None
+    args.dest = args.files[-1] if args.files else None
+    if wants_help(args.options):
+        print_option_help(args.out_format, args.dest)
+        return 0
+    if args.source is None:
+        raise CommandError("Must specify image file name")
+    _refuse_unsupported(args)
+    warn_rate_limit(args)
     opts = parse_options(args.options)
     if args.out_format == "raw":
         if opts:
@@ -66,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.abspath(args.source) == os.path.abspath(args.dest):
         raise CommandError(f"{args.dest}: the output would overwrite the source")
     src = Disk(open_chain(args.source, fmt=args.format,
-                          keys=args.keys.get("source")), False)
+                          keys=args.keys.get("files")), False)
     backing = None
     try:
         if not args.force_share:

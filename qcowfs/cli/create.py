@@ -11,7 +11,7 @@ from qcowfs.format import header as hdr
 from qcowfs.image.create import QcowOptions, create_qcow2, create_raw, round_size
 from qcowfs.image.qcow2 import Qcow2Image
 
-from .common import parse_options, parse_size
+from .common import SizeError, parse_options, parse_size, warn
 from .imageopts import add_image_source
 from .main import CommandError
 
@@ -25,6 +25,21 @@ _LUKS_OPTIONS = {"encrypt.cipher-alg": "cipher_alg", "encrypt.cipher-mode": "cip
                  "encrypt.ivgen-alg": "ivgen_alg", "encrypt.ivgen-hash-alg": "ivgen_hash_alg",
                  "encrypt.hash-alg": "hash_alg"}
 RAW_OPTIONS = ("preallocation", "size")
+#: What ``-o help`` lists, in qemu-img's words and order: name, value type, meaning.
+OPTION_HELP = {
+    "backing_file": ("str", "File name of a base image"),
+    "backing_fmt": ("str", "Image format of the base image"),
+    "cluster_size": ("size", "qcow2 cluster size"),
+    "compat": ("str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    "compression_type": ("str", "Compression method used for image cluster compression"),
+    "data_file": ("str", "File name of an external data file"),
+    "data_file_raw": ("bool (on/off)", "The external data file must stay valid as a raw image"),
+    "extended_l2": ("bool (on/off)", "Extended L2 tables"),
+    "lazy_refcounts": ("bool (on/off)", "Postpone refcount updates"),
+    "preallocation": ("str", "Preallocation mode (allowed values: off, metadata)"),
+    "refcount_bits": ("num", "Width of a reference count entry in bits"),
+    "size": ("size", "Virtual disk size"),
+}
 _TRUE = {"on", "yes", "true", "y"}
 _FALSE = {"off", "no", "false", "n"}
 
@@ -47,9 +62,9 @@ def register(sub) -> None:
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
                    help="comma-separated options, e.g. cluster_size=64k,compat=1.1")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    p.add_argument("file")
+    p.add_argument("file", nargs="?")
     add_image_source(p, image_opts=False)
-    p.add_argument("size", nargs="?", help="virtual size, with an optional k/M/G/T suffix")
+    p.add_argument("size", nargs="?", help="virtual size, with an optional k/M/G/T/P/E suffix")
     p.set_defaults(func=run)
 
 
@@ -62,7 +77,38 @@ def _bool(name: str, value: str) -> bool:
     raise CommandError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
+def wants_help(texts: list[str] | None) -> bool:
+    """``-o help`` or ``-o ?`` among the options (qemu-img lists them and does nothing)."""
+    return any(key in ("help", "?") for key in parse_options(texts))
+
+
+def print_option_help(fmt: str, filename: str | None) -> None:
+    """The option list qemu-img prints for ``-o help``: the format's options, and without a
+    target file its note about protocol options."""
+    names = QCOW2_OPTIONS if fmt == "qcow2" else RAW_OPTIONS
+    print(f"Supported {fmt} options:" if filename is None else "Supported options:")
+    for name in sorted(n for n in names if n != "preallocation" or fmt == "qcow2"):
+        kind, meaning = OPTION_HELP[name]
+        print(f"  {f'{name}=<{kind}>':<22} - {meaning}")
+    if filename is None:
+        print("\nThe protocol level may support further options.\n"
+              "Specify the target filename to include those options.")
+
+
+def parse_size_option(text: str) -> int:
+    """A size argument or ``size=`` option, with qemu-img's message when it is bad."""
+    try:
+        return parse_size(text, warn)
+    except SizeError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
+    if wants_help(args.options):
+        print_option_help(args.format, args.file)
+        return 0
+    if args.file is None:
+        raise CommandError("Expecting image file name")
     opts = parse_options(args.options)
     allowed = QCOW2_OPTIONS if args.format == "qcow2" else RAW_OPTIONS
     for key in opts:
@@ -73,12 +119,7 @@ def run(args: argparse.Namespace) -> int:
     size_text = args.size or opts.get("size")
     size = None
     if size_text is not None:
-        try:
-            size = parse_size(size_text)
-        except ValueError:
-            raise CommandError("Invalid image size specified. You may use k, M, G, T, P or E "
-                               "suffixes for kilobytes, megabytes, gigabytes, terabytes, "
-                               "petabytes and exabytes.") from None
+        size = parse_size_option(size_text)
     if backing and args.format == "raw":
         raise CommandError(f"{args.file}: Backing file not supported for file format 'raw'")
     if backing and not backing_fmt:

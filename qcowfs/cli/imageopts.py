@@ -142,10 +142,19 @@ def resolve(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is None:
             continue
-        path, fmt, keys = parse_image_opts(value, secrets)
-        setattr(args, name, path)
-        args.keys[name] = keys
         fmt_attr = {"file": "format", "file_a": "format_a", "file_b": "format_b",
-                    "source": "format"}.get(name)
+                    "files": "format"}.get(name)
+        if isinstance(value, list):
+            # convert's FILE list: the sources are option strings, the output is a name
+            # (qemu-img's --target-image-opts is not supported)
+            if len(value) < 2:
+                continue
+            path, fmt, keys = parse_image_opts(value[0], secrets)
+            value = [path, *value[1:]]
+        else:
+            path, fmt, keys = parse_image_opts(value, secrets)
+            value = path
+        setattr(args, name, value)
+        args.keys[name] = keys
         if fmt_attr and fmt is not None:
             setattr(args, fmt_attr, fmt)

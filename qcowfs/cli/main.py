@@ -21,6 +21,7 @@ COMMANDS = (
 )
 
 EXIT_ERROR = 1
+USAGE_ERROR = 1  # qemu-img's code for a bad command line
 
 
 class CommandError(Exception):
@@ -31,15 +32,30 @@ class CommandError(Exception):
         self.code = EXIT_ERROR if code is None else code
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with qemu-img's usage errors: one line, ``qcowfs: <command>: <why>``, and exit
+    code 1 (argparse's 2 means "corrupt" to check and "error" to compare)."""
+
+    command: str | None = None
+
+    def error(self, message: str):
+        where = self.prog.replace(" ", ": ", 1) if " " in self.prog else self.prog
+        if where == "qcowfs" and self.command:
+            where = f"qcowfs: {self.command}"
+        self.exit(USAGE_ERROR, f"{where}: {message} (see --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser for ``argv``: with every command, or only the one ``argv`` runs (a command's
     module imports what the command needs, and that can be most of qcowfs: ``qcowfs mount``
     should not load the engine of ``qcowfs check``)."""
-    parser = argparse.ArgumentParser(prog="qcowfs", description="qcow2 images as raw disks")
+    parser = Parser(prog="qcowfs", description="qcow2 images as raw disks")
+    commands = _commands_for(argv)
+    parser.command = commands[0] if len(commands) == 1 else None
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-V", "--version", action="version", version=f"qcowfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _commands_for(argv):
+    for name in commands:
         try:
             module = importlib.import_module(f"qcowfs.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -62,11 +78,36 @@ def _commands_for(argv: list[str] | None) -> tuple[str, ...]:
     return COMMANDS
 
 
+def _split_argv(argv: list[str]) -> tuple[list[str], dict]:
+    """Let the command take what argparse must not see (resize's trailing SIZE, which may
+    start with a dash) through its module's ``split_argv``."""
+    for i, arg in enumerate(argv):
+        if arg == "--debug":
+            continue
+        if arg not in COMMANDS:
+            break
+        split = getattr(importlib.import_module(f"qcowfs.cli.{arg}"), "split_argv", None)
+        if split is None:
+            break
+        rest, extras = split(argv[i + 1:])
+        return argv[:i + 1] + rest, extras
+    return argv, {}
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    parser = build_parser(argv)
+    try:
+        parser = build_parser(argv)
+        argv, extras = _split_argv(argv)
+    except ModuleNotFoundError as exc:
+        if "--debug" in argv:
+            raise
+        print(f"qcowfs: {missing_module(exc.name or str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
     args = parser.parse_args(argv)
+    for key, value in extras.items():
+        setattr(args, key, value)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
@@ -89,11 +130,35 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code
         # commands whose success codes overlap 1 (check, compare) set their own error code
         return getattr(args, "error_code", EXIT_ERROR)
+    except ModuleNotFoundError as exc:
+        if args.debug:
+            raise
+        print(f"qcowfs: {args.command}: {missing_module(exc.name or str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         if args.debug:
             raise
         print(f"qcowfs: {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+#: Python packages qcowfs loads on demand, by module name: the pip name, and what else it needs.
+PACKAGES = {
+    "pyfuse3": ("pyfuse3", "it builds against libfuse3: apt-get install fuse3 libfuse3-dev "
+                           "pkg-config"),
+    "trio": ("trio", ""),
+    "tqdm": ("tqdm", ""),
+    "zstandard": ("zstandard", ""),
+    "cryptography": ("cryptography", ""),
+}
+
+
+def missing_module(name: str) -> str:
+    """One line for a module that is not installed: which package, and how to get it."""
+    top = name.split(".", 1)[0]
+    package, needs = PACKAGES.get(top, (top, ""))
+    hint = f"pip install {package}" + (f"; {needs}" if needs else "")
+    return f"the Python package {package} is not installed ({hint})"
 
 
 def _reason(exc: BaseException) -> str:

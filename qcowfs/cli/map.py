@@ -11,7 +11,7 @@ from qcowfs.chain.resolve import open_chain
 from qcowfs.image.info import full_backing_filename
 from qcowfs.image.qcow2 import Qcow2Image
 
-from .common import add_force_share, add_output, add_probed_format
+from .common import SizeError, add_force_share, add_output, add_probed_format, parse_size, warn
 from .imageopts import add_image_source
 from .main import CommandError
 
@@ -22,12 +22,26 @@ def register(sub) -> None:
     add_probed_format(p)
     add_output(p)
     add_force_share(p, "read even when another process holds the image")
+    p.add_argument("--start-offset", metavar="OFFSET", default="0",
+                   help="map from this guest offset (default 0)")
+    p.add_argument("--max-length", metavar="LEN", help="map at most this many bytes")
     p.add_argument("file")
     add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
+def _window_arg(text: str, what: str) -> int:
+    try:
+        return parse_size(text, warn)
+    except SizeError:
+        raise CommandError(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes "
+                           f"for kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+                           f"exabytes.") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    start = _window_arg(args.start_offset, "start offset")
+    length = None if args.max_length is None else _window_arg(args.max_length, "max length")
     layers = open_chain(args.file, fmt=args.format, keys=args.keys.get("file"))
     try:
         for layer in layers:
@@ -41,20 +55,23 @@ def run(args: argparse.Namespace) -> int:
                 names.append(full_backing_filename(names[-1], layer.header.backing_file))
         status = ChainStatus(layers, names)
         if args.output == "json":
-            _print_json(status)
+            _print_json(status, start, length)
         else:
-            _print_human(status)
+            _print_human(status, start, length)
     finally:
         for layer in layers:
             layer.close()
     return 0
 
 
-def _print_json(status: ChainStatus) -> None:
+def _print_json(status: ChainStatus, start: int, length: int | None) -> None:
     out = sys.stdout
     out.write("[")
     first = True
-    for e in status.merged():
+    entries = status.merged(start, length)
+    if start >= status.size or length == 0:  # an empty window: qemu-img's one empty entry
+        entries = iter([MapEntry(start, 0, 0, False, False, False)])
+    for e in entries:
         if not first:
             out.write(",\n")
         first = False
@@ -71,12 +88,12 @@ def _b(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _print_human(status: ChainStatus) -> None:
+def _print_human(status: ChainStatus, start: int, length: int | None) -> None:
     """qemu-img's table of data ranges; zeros and holes are not listed, and a run with no host
     offset (compressed) cannot be shown."""
     print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
     cur: MapEntry | None = None
-    for nxt in status.entries():
+    for nxt in status.entries(start, length):
         if cur is not None and cur.mergeable(nxt):
             cur.length += nxt.length
             continue

@@ -6,6 +6,7 @@ import argparse
 
 from qcowfs.chain.rebase import rebase
 
+from .common import add_cache_modes, add_force_share
 from .imageopts import add_image_source
 from .progress import progress_bar
 
@@ -25,6 +26,8 @@ def register(sub) -> None:
                    help="unsafe: only change the name in the header")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    add_cache_modes(p, target=True, source=True)
+    add_force_share(p, "read the new backing file even when another process holds it")
     p.add_argument("file")
     add_image_source(p, "file")
     p.set_defaults(func=run)
@@ -33,5 +36,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     with progress_bar(args.progress and not args.quiet, None, "rebase") as step:
         rebase(args.file, args.backing, args.backing_format, unsafe=args.unsafe,
-               fmt=args.format, progress=step, keys=args.keys.get("file"))
+               fmt=args.format, progress=step, force_share=args.force_share,
+               keys=args.keys.get("file"))
     return 0

@@ -6,7 +6,7 @@ import argparse
 
 from qcowfs.chain.disk import open_image
 
-from .common import add_force_share
+from .common import add_force_share, warn_probed_raw
 from .imageopts import add_image_source
 from .info import snapshot_header, snapshot_row
 from .main import CommandError
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--force-share/-U can only be used with -l")
     disk = open_image(args.file, writable=True, format=args.format,
                       keys=args.keys.get("file"))
+    warn_probed_raw(disk, args.file)
     try:
         if args.create is not None:
             if not args.create:

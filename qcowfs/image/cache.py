@@ -6,23 +6,26 @@ function, which is where the image enforces its metadata write order.
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, TypeVar
-
-T = TypeVar("T")
 
 
-class TableCache(Generic[T]):
-    def __init__(self, capacity: int, load: Callable[[int], T],
-                 write_back: Callable[[int, T], None] | None = None):
+class TableCache:
+    """``TableCache[T]`` caches tables of type T (subscriptable as ``list`` is, without
+    importing typing, which costs the CLI's start-up a few milliseconds)."""
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+    def __init__(self, capacity: int, load: Callable[[int], object],
+                 write_back: Callable[[int, object], None] | None = None):
         self.capacity = max(2, capacity)
         self._load = load
         self._write_back = write_back
-        self._entries: OrderedDict[int, T] = OrderedDict()
+        self._entries: OrderedDict[int, object] = OrderedDict()
         self.dirty: set[int] = set()
 
-    def get(self, offset: int) -> T:
+    def get(self, offset: int) -> object:
         entries = self._entries
         table = entries.get(offset)
         if table is not None:
@@ -32,21 +35,21 @@ class TableCache(Generic[T]):
         self._insert(offset, table)
         return table
 
-    def put(self, offset: int, table: T, dirty: bool = True) -> None:
+    def put(self, offset: int, table: object, dirty: bool = True) -> None:
         """Install a table built in memory (a new or copied table)."""
         self._entries.pop(offset, None)
         self._insert(offset, table)
         if dirty:
             self.dirty.add(offset)
 
-    def set_write_back(self, write_back: Callable[[int, T], None] | None) -> None:
+    def set_write_back(self, write_back: Callable[[int, object], None] | None) -> None:
         """Install the function that writes a dirty entry (the writer attaches itself)."""
         self._write_back = write_back
 
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
 
-    def _insert(self, offset: int, table: T) -> None:
+    def _insert(self, offset: int, table: object) -> None:
         self._entries[offset] = table
         while len(self._entries) > self.capacity:
             victim = next(iter(self._entries))

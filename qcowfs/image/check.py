@@ -19,6 +19,7 @@ completed; a table that changed is rewritten at a new place at the end of the re
 
 from __future__ import annotations
 
+import bisect
 from array import array
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ from qcowfs.format.tables import (
     refblock_entries,
     refcount_max,
 )
+from qcowfs.image import scanmode
 from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.refcount_read import OnDiskRefcounts, UnreadableRefblock
 from qcowfs.image.walk import Tally, tally_references
@@ -81,32 +83,35 @@ _OVERLAP_KINDS = ("qcow2_header", "active L1 table", "active L2 table", "refcoun
                   "refcount block", "snapshot table", "inactive L1 table", "bitmap directory")
 
 
-def _metadata_clusters(image: Qcow2Image, refs: OnDiskRefcounts) -> dict[str, set[int]]:
-    """Which host clusters hold each kind of metadata (as the image says, right or wrong)."""
+def _metadata_clusters(image: Qcow2Image, refs: OnDiskRefcounts
+                       ) -> dict[str, list[tuple[int, int]]]:
+    """Which host clusters hold each kind of metadata (as the image says, right or wrong), as
+    [first, end) cluster ranges: a size the image claims costs one range, not one set entry
+    per cluster."""
     h = image.header
     cs = image.cluster_size
     f = image.file
 
-    def span(offset: int, length: int) -> set[int]:
-        return set(range(offset // cs, -(-(offset + length) // cs))) if length > 0 else set()
+    def span(offset: int, length: int) -> list[tuple[int, int]]:
+        return [(offset // cs, -(-(offset + length) // cs))] if length > 0 else []
 
-    out = {k: set() for k in _OVERLAP_KINDS}
-    out["qcow2_header"] = {0}
+    out: dict[str, list[tuple[int, int]]] = {k: [] for k in _OVERLAP_KINDS}
+    out["qcow2_header"] = [(0, 1)]
     out["active L1 table"] = span(h.l1_table_offset, h.l1_size * 8)
     if h.l1_size and h.l1_table_offset + h.l1_size * 8 <= f.size:
         for entry in decode_u64_table(f.read(h.l1_table_offset, h.l1_size * 8)):
             off = entry & L1E_OFFSET_MASK
             if off:
-                out["active L2 table"] |= span(off, cs)
+                out["active L2 table"] += span(off, cs)
     out["refcount table"] = span(h.refcount_table_offset, h.refcount_table_clusters * cs)
     for entry in refs.table:
         off = entry & REFT_OFFSET_MASK
         if off:
-            out["refcount block"] |= span(off, cs)
+            out["refcount block"] += span(off, cs)
     if h.nb_snapshots:
         out["snapshot table"] = span(h.snapshots_offset, image.snapshot_table_bytes)
     for snap in image.snapshots:
-        out["inactive L1 table"] |= span(snap.l1_table_offset, snap.l1_size * 8)
+        out["inactive L1 table"] += span(snap.l1_table_offset, snap.l1_size * 8)
     if h.bitmaps:
         out["bitmap directory"] = span(h.bitmaps.directory_offset, h.bitmaps.directory_size)
     return out
@@ -118,14 +123,33 @@ class _Guard:
 
     def __init__(self, image: Qcow2Image, refs: OnDiskRefcounts):
         self.image = image
-        self.kinds = _metadata_clusters(image, refs)
+        self.kinds = {k: _sorted_ranges(v) for k, v in _metadata_clusters(image, refs).items()}
 
     def check(self, kind: str, offset: int, length: int) -> None:
         cs = self.image.cluster_size
-        clusters = set(range(offset // cs, -(-(offset + length) // cs)))
+        first, end = offset // cs, -(-(offset + length) // cs)
         for other in _OVERLAP_KINDS:
-            if other != kind and clusters & self.kinds[other]:
+            if other != kind and _overlaps(self.kinds[other], first, end):
                 raise _Refused(other)
+
+
+def _sorted_ranges(ranges: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Ranges merged into disjoint ones: (starts, ends), sorted, for a bisect lookup."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for first, end in sorted(ranges):
+        if ends and first <= ends[-1]:
+            ends[-1] = max(ends[-1], end)
+        else:
+            starts.append(first)
+            ends.append(end)
+    return starts, ends
+
+
+def _overlaps(ranges: tuple[list[int], list[int]], first: int, end: int) -> bool:
+    starts, ends = ranges
+    i = bisect.bisect_right(starts, end - 1) - 1
+    return i >= 0 and ends[i] > first
 
 
 def check_image(image: Qcow2Image, fix: int = 0) -> CheckResult:
@@ -157,7 +181,7 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
     _take_stats(tally, res)
     for d in tally.defects:
         res.corruptions += 1
-        res.messages.append(f"ERROR {d.message}")
+        res.messages.append(d.line)
     refs = OnDiskRefcounts(image)
     rebuild = _check_refblocks(refs, tally, res)
     nb = _cluster_count(refs, tally)
@@ -376,6 +400,8 @@ def _check_refblocks(refs: OnDiskRefcounts, tally: Tally, res: CheckResult) -> b
 
 
 def _cluster_count(refs: OnDiskRefcounts, tally: Tally) -> int:
+    """How many clusters the comparison covers: the file's, and the few just past its end
+    that a reference may reach (never more than one cluster's worth, see the walk)."""
     nb = -(-refs.file_size // refs.cs)
     nb = max(nb, len(tally.counts))
     if tally.beyond_eof:
@@ -391,7 +417,13 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
     rebuild = False
     counts = tally.counts
     top = refcount_max(refs.order)
-    for i in range(nb):
+    # only the clusters that differ go through the per-cluster code below
+    if scanmode.whole_tables(nb):
+        from qcowfs.image import tablescan
+        clusters, highest = tablescan.compare_candidates(refs, counts, tally.beyond_eof, nb)
+    else:
+        clusters, highest = _blocks_that_differ(refs, tally, nb)
+    for i in clusters:
         try:
             on = refs.get(i)
         except UnreadableRefblock:
@@ -399,7 +431,7 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
             res.check_errors += 1
             continue
         want = counts[i] if i < len(counts) else tally.beyond_eof.get(i, 0)
-        if on or want:
+        if (on or want) and i > highest:
             highest = i
         if on == want:
             continue
@@ -425,6 +457,37 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
     return highest, rebuild
 
 
+def _blocks_that_differ(refs: OnDiskRefcounts, tally: Tally, nb: int) -> tuple[list[int], int]:
+    """The clusters of [0, nb) in refcount blocks whose on-disk values differ from the walk's
+    (or cannot be read), and the highest cluster either side says is in use: one array
+    comparison per refcount block, without numpy."""
+    per = refs.per_block
+    counts = tally.counts
+    clusters: list[int] = []
+    last_used = -1  # the last block with anything in use
+    for index in range(-(-nb // per)):
+        lo, hi = index * per, min(nb, (index + 1) * per)
+        want = counts[lo:hi]
+        if len(want) < hi - lo:
+            want.extend([tally.beyond_eof.get(i, 0) for i in range(lo + len(want), hi)])
+        entry = refs.table[index] if index < len(refs.table) else 0
+        if entry & REFT_OFFSET_MASK & (refs.cs - 1):
+            clusters.extend(range(lo, hi))  # unreadable: each cluster says so
+            continue
+        values = refs.block(index)
+        on = array("Q", values[:hi - lo]) if values is not None else array("Q", bytes(8 * (hi - lo)))
+        if on != want:
+            clusters.extend(range(lo, hi))
+        elif on.count(0) != len(on):
+            last_used = index
+    highest = 0
+    if last_used >= 0:
+        lo = last_used * per
+        on = refs.block(last_used)
+        highest = lo + max(i for i, v in enumerate(on[:min(nb, lo + per) - lo]) if v)
+    return clusters, highest
+
+
 def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix: int) -> None:
     """COPIED must be set exactly on active L1/L2 entries whose cluster has refcount 1."""
     h = image.header
@@ -442,9 +505,15 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
     step = 2 if image.extended_l2 else 1
     guard = _Guard(image, refs) if repair else None
     wrote = False
+    refcount = refs.lookup()
+    scan = None
+    file_clusters = -(-size // cs)
+    if scanmode.whole_tables(file_clusters) and not image.has_data_file:
+        from qcowfs.image import tablescan as scan
+        is_one, unreadable = scan.refcount_is_one(refs, file_clusters)
     for i, l1e in enumerate(l1):
         l2_off = l1e & L1E_OFFSET_MASK
-        if not l2_off or l2_off % cs or l2_off + cs > size:
+        if not l2_off or l2_off % cs:
             continue
         try:
             rc = refs.get(l2_off // cs)
@@ -462,7 +531,12 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
                 wrote = True
                 res.corruptions -= 1
                 res.corruptions_fixed += 1
-        table = decode_u64_table(f.read(l2_off, cs))
+        if l2_off >= size:
+            continue  # reads as zeros: nothing to check
+        raw = f.read(l2_off, min(cs, size - l2_off))
+        table = decode_u64_table(raw + bytes(cs - len(raw)))
+        if scan is not None and scan.copied_is_right(image, table, is_one, unreadable):
+            continue
         changed = False
         for j in range(0, len(table), step):
             entry = table[j]
@@ -477,7 +551,7 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
                 if not host or host % cs:
                     continue
                 try:
-                    rc = refs.get(host // cs)
+                    rc = refcount(host // cs)
                 except UnreadableRefblock:
                     continue
             if entry & ZERO_FLAG and not host and not image.has_data_file:

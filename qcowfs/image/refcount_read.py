@@ -9,6 +9,7 @@ from qcowfs.format.tables import (
     encode_refblock,
     refblock_entries,
 )
+from qcowfs.image import scanmode
 from qcowfs.image.qcow2 import Qcow2Image
 
 
@@ -57,6 +58,23 @@ class OnDiskRefcounts:
             self.blocks[index] = values
         return values
 
+    def lookup(self):
+        """``get`` for a tight loop: the same answers, without the method calls per
+        cluster once a block has been seen."""
+        seen: dict[int, list[int] | None] = {}
+        per = self.per_block
+
+        def get(cluster: int) -> int:
+            index, within = divmod(cluster, per)
+            try:
+                values = seen[index]
+            except KeyError:
+                self.get(cluster)  # raises for an unreadable block
+                values = seen[index] = self.block(index)
+            return values[within] if values is not None else 0
+
+        return get
+
     def get(self, cluster: int) -> int:
         index, within = divmod(cluster, self.per_block)
         if index < len(self.table) and self.table[index] & REFT_OFFSET_MASK & (self.cs - 1):
@@ -94,10 +112,16 @@ def looks_metadata_preallocated(image: Qcow2Image, allocated_bytes: int) -> bool
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = (image.file.size + cs - 1) // cs
     reader = OnDiskRefcounts(image)
+    if scanmode.whole_tables(end_cluster):
+        from qcowfs.image import tablescan
+        return tablescan.nonzero_refcounts(reader, end_cluster, threshold) >= threshold
     count = 0
     for i in range(end_cluster):
         if count >= threshold:
             break
-        if reader.get(i):
-            count += 1
+        try:
+            if reader.get(i):
+                count += 1
+        except UnreadableRefblock:
+            continue  # a block that cannot be read says nothing (QEMU only warns)
     return count >= threshold

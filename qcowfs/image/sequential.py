@@ -65,22 +65,45 @@ class SequentialQcow2Writer:
 
     def write_cluster(self, guest_cluster: int, data: bytes) -> None:
         """Store one whole guest cluster of data (the last one padded with zeros)."""
-        f = self.image.file
-        table, slot = self._table(guest_cluster)
         if self.compress:
-            packed = compress_cluster(data, self.compression_type)
-            if packed is not None:
-                host = self.end
-                f.write(host, packed)
-                self.end += len(packed)
-                table[slot] = self.layout.encode(host, len(packed))
-                return
-        host = -(-self.end // self.cs) * self.cs
-        f.write(host, data)
-        self.end = host + self.cs
-        table[slot] = host | COPIED
-        if self.extended:
-            table[slot + 1] = SUB_ALL
+            self.write_packed(guest_cluster, data,
+                              compress_cluster(data, self.compression_type))
+            return
+        self.write_clusters(guest_cluster, data)
+
+    def write_clusters(self, first: int, data: bytes | memoryview) -> None:
+        """Store whole guest clusters ``first, first + 1, ...`` of data, uncompressed, with
+        one write: they get host clusters in a row."""
+        cs = self.cs
+        host = -(-self.end // cs) * cs
+        self.image.file.write(host, data)
+        self.end = host + len(data)
+        for i in range(len(data) // cs):
+            table, slot = self._table(first + i)
+            table[slot] = (host + i * cs) | COPIED
+            if self.extended:
+                table[slot + 1] = SUB_ALL
+
+    def write_packed(self, guest_cluster: int, data: bytes | memoryview,
+                     packed: bytes | None) -> None:
+        """Store one guest cluster as ``packed`` (its compressed stream, from
+        ``compress_cluster``, made wherever the caller likes), or as ``data`` when
+        compressing would not save a sector (None)."""
+        if packed is None:
+            self.write_clusters(guest_cluster, data)
+            return
+        self.write_streams([(guest_cluster, packed)])
+
+    def write_streams(self, streams: list[tuple[int, bytes]]) -> None:
+        """Store (guest cluster, compressed stream) pairs back to back, as QEMU packs them,
+        with one write."""
+        host = self.end
+        for guest_cluster, packed in streams:
+            table, slot = self._table(guest_cluster)
+            table[slot] = self.layout.encode(host, len(packed))
+            host += len(packed)
+        self.image.file.writev(self.end, [p for _, p in streams])
+        self.end = host
 
     def zero_cluster(self, guest_cluster: int) -> None:
         """Make one guest cluster read as zeros whatever the backing file holds."""

@@ -30,6 +30,7 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     decode_u64_table,
 )
+from qcowfs.image import scanmode
 from qcowfs.image.qcow2 import Qcow2Image
 
 CORRUPTION = "corruption"
@@ -40,6 +41,12 @@ class Defect:
     kind: str  # "corruption" (more kinds may follow)
     message: str
     offset: int = 0  # host offset it concerns, when there is one
+    #: how check prints it (qemu-img's own wording, where it has one)
+    prefix: str = "ERROR "
+
+    @property
+    def line(self) -> str:
+        return self.prefix + self.message
 
 
 @dataclass
@@ -60,7 +67,8 @@ class Tally:
     counts: array  # array('Q'), one entry per cluster of the file (and beyond, if referenced)
     defects: list[Defect] = field(default_factory=list)
     stats: ActiveStats = field(default_factory=ActiveStats)
-    #: clusters referenced past the end of the file (index -> count)
+    #: clusters referenced past the end of the file (index -> count); only a reference that
+    #: ends less than one cluster past the end counts (QEMU's rule), so this stays tiny
     beyond_eof: dict[int, int] = field(default_factory=dict)
 
     def expected(self, index: int) -> int:
@@ -81,24 +89,40 @@ class Tally:
 
 
 class _Walker:
-    def __init__(self, image: Qcow2Image, *, max_clusters_beyond_eof: int = 1 << 20):
+    def __init__(self, image: Qcow2Image):
         self.image = image
         self.h = image.header
         self.cs = image.cluster_size
         self.file = image.file
-        self.file_clusters = -(-self.file.refresh_size() // self.cs)
+        self.file_size = self.file.refresh_size()
+        self.file_clusters = -(-self.file_size // self.cs)
         self.tally = Tally(self.cs, array("Q", bytes(8 * self.file_clusters)))
-        self.max_beyond = max_clusters_beyond_eof
         self._next_host = 0
+        self.scan = None  # qcowfs.image.tablescan, for a large image without a data file
+        self._counts = None  # the tally's counts as a numpy array, while walking
+        if scanmode.whole_tables(self.file_clusters) and not image.has_data_file:
+            from qcowfs.image import tablescan
+            self.scan = tablescan
+            self._counts = tablescan.as_u64(self.tally.counts)
 
     def defect(self, message: str, offset: int = 0) -> None:
         self.tally.defects.append(Defect(CORRUPTION, message, offset))
 
     def ref(self, offset: int, length: int, what: str) -> None:
-        """+1 for every cluster overlapping [offset, offset + length)."""
+        """+1 for every cluster overlapping [offset, offset + length).
+
+        A region that ends one cluster or more past the end of the file is one error and is
+        not counted (QEMU's rule): the work stays bounded by the file, whatever the entry
+        claims."""
         if length <= 0:
             return
         cs = self.cs
+        if offset + length - self.file_size >= cs:
+            self.tally.defects.append(Defect(
+                CORRUPTION, f"counting reference for region exceeding the end of the file by "
+                            f"one cluster or more: offset {offset:#x} size {length:#x}",
+                offset, prefix="ERROR: "))
+            return
         first = offset // cs
         last = (offset + length - 1) // cs
         counts = self.tally.counts
@@ -107,9 +131,6 @@ class _Walker:
                 counts[i] += 1
             else:
                 beyond = self.tally.beyond_eof
-                if len(beyond) >= self.max_beyond:
-                    self.defect(f"too many references past the end of the file ({what})", i * cs)
-                    return
                 beyond[i] = beyond.get(i, 0) + 1
 
     def read_table(self, offset: int, nbytes: int, what: str) -> array | None:
@@ -117,6 +138,12 @@ class _Walker:
             self.defect(f"{what} at offset {offset} lies past the end of the file", offset)
             return None
         return decode_u64_table(self.file.read(offset, nbytes))
+
+    def read_l2(self, offset: int) -> array:
+        """An L2 table; the part past the end of the file reads as zeros, as QEMU reads it."""
+        size = self.file.size
+        raw = self.file.read(offset, max(0, min(self.cs, size - offset)))
+        return decode_u64_table(raw + bytes(self.cs - len(raw)))
 
     # --- pieces -----------------------------------------------------------------------------
 
@@ -134,6 +161,7 @@ class _Walker:
         if h.bitmaps:
             self.walk_bitmaps()
         self.walk_refblocks()
+        self._counts = None  # let the array grow again
         return self.tally
 
     def walk_snapshot_l1(self, offset: int, size: int, sid: str) -> None:
@@ -165,11 +193,24 @@ class _Walker:
                 # QEMU counts the (two) clusters the misplaced table covers and still reads it
                 self.defect(f"{what}: L2 table at unaligned offset {l2_off}", l2_off)
             self.ref(l2_off, self.cs, "L2 table")
-            table = self.read_table(l2_off, self.cs, "L2 table")
-            if table is not None:
-                self.walk_l2(table, l2_off, active)
+            if l2_off < self.file_size:
+                self.walk_l2(self.read_l2(l2_off), l2_off, active)
 
     def walk_l2(self, table: array, l2_off: int, active: bool) -> None:
+        if self.scan is not None:
+            found = self.scan.l2_references(self.image, table, self.file_size)
+            if found is not None:
+                self.scan.add_references(self._counts, found.clusters)
+                if active:
+                    stats = self.tally.stats
+                    stats.allocated_clusters += found.allocated
+                    stats.compressed_clusters += found.compressed
+                    stats.fragmented_clusters += found.fragmented
+                return
+        self._walk_l2_entries(table, l2_off, active)
+
+    def _walk_l2_entries(self, table: array, l2_off: int, active: bool) -> None:
+        """One entry at a time: every defect found and worded."""
         img = self.image
         cs = self.cs
         extended = img.extended_l2
@@ -177,6 +218,7 @@ class _Walker:
         data_file = img.has_data_file
         stats = self.tally.stats
         layout = img.compressed
+        self._next_host = 0  # QEMU counts fragmentation within each L2 table
         for j in range(0, len(table), step):
             entry = table[j]
             if not entry and (not extended or not table[j + 1]):
@@ -224,7 +266,10 @@ class _Walker:
                 self.defect(f"L2 entry in table at {l2_off} points at unaligned offset {host}",
                             l2_off)
             if not data_file:
-                self.ref(host, cs, "data cluster")
+                if not host % cs and host + cs <= self.file_size:
+                    self.tally.counts[host // cs] += 1  # the common case of ref()
+                else:
+                    self.ref(host, cs, "data cluster")
 
     def _fragment(self, host: int) -> None:
         if self._next_host and host != self._next_host:

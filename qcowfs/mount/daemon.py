@@ -33,6 +33,7 @@ import trio
 
 from qcowfs.chain.disk import open_image
 from qcowfs.errors import ImageError, KeyRequiredError
+from qcowfs.format.probe import PROBE_SIZE, announced_format
 
 from . import requestloop
 from .operations import QcowfsOperations
@@ -149,7 +150,9 @@ def _short(a) -> str:
 
 # --- checks and opening -----------------------------------------------------------------------
 
-def check_mountpoint(path: str) -> str:
+def check_mountpoint(path: str, nonempty: bool = False) -> str:
+    """The mount point as an absolute path: an existing directory, and an empty one unless
+    ``nonempty`` (libfuse 2's rule, which fuse3 dropped: a mount over files hides them)."""
     full = os.path.abspath(path)
     try:
         st = os.stat(full)
@@ -157,7 +160,32 @@ def check_mountpoint(path: str) -> str:
         raise MountError(path, exc.strerror or str(exc)) from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(path, "not a directory")
+    if not nonempty:
+        try:
+            with os.scandir(full) as entries:
+                busy = next(entries, None) is not None
+        except OSError as exc:
+            raise MountError(path, exc.strerror or str(exc)) from None
+        if busy:
+            raise MountError(path, "mount point is not empty (give -o nonempty to mount over "
+                                   "its files and hide them)")
     return full
+
+
+def check_format(image: str, opts: MountOptions, shown: str) -> None:
+    """Without ``-o format=``, serve only what probes as qcow2: a text file or a partition
+    dump mounted read/write by mistake would be written into."""
+    if opts.format is not None:
+        return
+    try:
+        with open(image, "rb") as f:
+            head = f.read(PROBE_SIZE)
+    except OSError as exc:
+        raise MountError(shown, exc.strerror or str(exc)) from None
+    probed = announced_format(head) or "raw"
+    if probed != "qcow2":
+        raise MountError(shown, f"not a qcow2 image (probed {probed}); give -o format=raw to "
+                                f"serve it as a raw disk")
 
 
 def open_disk(image: str, opts: MountOptions):
@@ -213,7 +241,8 @@ def mount(req: MountRequest) -> int:
     """Run ``qcowfs mount``. In the foreground: serve, return the exit code after unmount.
     Detached: return (via ``os._exit`` in the parent) once the mount is live or has failed."""
     image = os.path.abspath(req.image)
-    mountpoint = check_mountpoint(req.mountpoint)
+    check_format(image, req.options, req.image)
+    mountpoint = check_mountpoint(req.mountpoint, req.options.nonempty)
     disk = open_disk(image, req.options)
     if req.foreground:
         setup_logging(True, req.debug)

@@ -42,6 +42,7 @@ class MountOptions:
     fast_loop: bool = True
     poll_us: int = 50  # how long the request loop polls before it sleeps (requestloop)
     allow_shrink: bool = False
+    nonempty: bool = False  # mount over a folder that holds files (hiding them)
     attr_timeout: float = 1.0
     fsname: str | None = None
     #: a file whose bytes are the key of the chain's encrypted layers (QEMU's secret file=)
@@ -138,6 +139,7 @@ def _apply(opts: MountOptions, item: str) -> None:
             "direct_io": ("direct_io", True), "nodirect_io": ("direct_io", False),
             "fast_loop": ("fast_loop", True), "nofast_loop": ("fast_loop", False),
             "allow_shrink": ("allow_shrink", True),
+            "nonempty": ("nonempty", True),
         }
         if name in flags:
             attr, val = flags[name]

@@ -1,0 +1,52 @@
+"""What info, check and map load: imports are most of their start-up time on a small image,
+so a small image loads neither numpy (the whole-table passes), typing nor json (human
+output); a large image does use the whole-table passes. Each run is a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from qemutools import create, qemu_io
+from test_mount_imports import REPO
+
+HEAVY = {"numpy", "typing", "json", "qcowfs.image.tablescan"}
+
+
+def loaded_by(*argv: str) -> set[str]:
+    script = textwrap.dedent(f"""
+        import os, sys
+        before = set(sys.modules)
+        from qcowfs.cli.main import main
+        saved = os.dup(1)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        code = main({list(argv)!r})
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        loaded = sorted(set(sys.modules) - before)
+        import json
+        print(json.dumps([code, loaded]))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=60, check=True)
+    code, mods = json.loads(p.stdout.splitlines()[-1])
+    assert code == 0, p.stderr
+    return set(mods)
+
+
+@pytest.mark.parametrize("command", ["info", "check", "map"])
+def test_small_image_commands_load_nothing_heavy(tmp_path, command):
+    p = create(tmp_path / "small.qcow2", "1G")
+    qemu_io(p, "write -P 1 0 1M")
+    assert not loaded_by(command, str(p)) & HEAVY
+
+
+@pytest.mark.parametrize("command", ["check", "map"])
+def test_large_image_takes_whole_tables(tmp_path, command):
+    p = create(tmp_path / "large.qcow2", "4G", preallocation="metadata")
+    assert "qcowfs.image.tablescan" in loaded_by(command, str(p))
