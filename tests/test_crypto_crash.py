@@ -9,7 +9,7 @@ import random
 
 import pytest
 from crashtools import run_and_kill
-from test_write_crash import OPS_PER_RUN, apply_ops, touched_after
+from test_write_crash import CHILD, OPS_PER_RUN, assert_flushed_kept
 
 import qcowfs
 from tests import qemutools as q
@@ -17,25 +17,6 @@ from tests import qemutools as q
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "crash key"
 
-CHILD = r"""
-import sys
-sys.path.insert(0, sys.argv[3])
-from test_write_crash import ops
-import qcowfs
-path, seed = sys.argv[1], int(sys.argv[2])
-disk = qcowfs.open_image(path, writable=True, keys=[sys.argv[4].encode()],
-                         l2_cache_bytes=64 * 1024)
-out = sys.stdout
-for n, op in enumerate(ops(seed, disk.size)):
-    if op is None:
-        disk.flush()
-        out.write(f"F {n}\n")
-    else:
-        offset, data = op
-        disk.write(offset, data)
-        out.write(f"W {n}\n")
-    out.flush()
-"""
 
 
 @pytest.mark.slow
@@ -50,17 +31,13 @@ def test_sigkill_during_encrypted_writes_loses_nothing_flushed(tmp_path):
     model = bytearray(q.to_raw_encrypted(path, tmp_path / "m.raw", keys))
     for iteration in range(4):
         seed = rnd.randrange(1 << 30)
-        flushed = run_and_kill(CHILD, [str(path), str(seed), os.path.join(REPO, "tests"), KEY],
+        flushed = run_and_kill(CHILD, [str(path), str(seed), os.path.join(REPO, "tests"),
+                                       str(64 * 1024), KEY],
                                rnd.randrange(1, OPS_PER_RUN))
         code, report = q.check_encrypted(path, keys)
         assert code in (0, 3), f"iteration {iteration}: qemu-img check exit {code}: {report}"
         got = q.to_raw_encrypted(path, tmp_path / "got.raw", keys)
-        expected = bytearray(model)
-        apply_ops(expected, seed, flushed)
-        mask = touched_after(seed, size, flushed)
-        bad = [i for i in range(0, size, 512)
-               if not any(mask[i:i + 512]) and got[i:i + 512] != expected[i:i + 512]]
-        assert not bad, f"iteration {iteration}: flushed data lost at offsets {bad[:5]}"
+        assert_flushed_kept(got, model, seed, flushed, iteration)
         with qcowfs.open_image(str(path), writable=True, keys=[KEY.encode()]) as disk:
             disk.write(4096 * iteration + 3, b"\x77" * 5000)
         got = bytearray(got)

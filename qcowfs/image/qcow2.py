@@ -12,7 +12,6 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from qcowfs.errors import (
     BackingChainError,
@@ -49,9 +48,6 @@ from qcowfs.format.tables import (
 )
 from qcowfs.image.cache import TableCache
 from qcowfs.image.hostfile import HostFile
-
-if TYPE_CHECKING:
-    from qcowfs.image.crypto import ImageCrypto
 
 UNALLOCATED = ClusterKind.UNALLOCATED
 ZERO = ClusterKind.ZERO
@@ -366,7 +362,7 @@ class Qcow2Image:
         self.writable = file.writable
         self.encrypted = header.crypt_method != hdr.CRYPT_NONE
         #: the data cipher; None for a plain image, or an encrypted one opened without a key
-        self.crypto: ImageCrypto | None = None
+        self.crypto = None  # qcowfs.image.crypto.ImageCrypto once unlocked
         #: the LUKS header of a LUKS image (parsed at open; no key needed)
         self.luks = None
 
