@@ -222,7 +222,7 @@ def create_encrypted(path: str | os.PathLike, size: str | int, key: str, *,
     if backing is not None:
         args += ["-b", str(backing), "-F", backing_fmt or "qcow2"]
     args += ["-o", ",".join(f"{k}={_opt(v)}" for k, v in opts.items()), str(path), str(size)]
-    for _attempt in range(5):
+    for _attempt in range(12):
         made = qemu_img(*args, check=False)
         if made.returncode == 0 or b"accurate CPU usage" not in made.stderr:
             break

@@ -110,3 +110,24 @@ def test_encrypted_overlay_on_an_encrypted_base_with_another_key(tmp_path: Path)
     _apply(expect, writes)
     assert q.to_raw_encrypted(top, tmp_path / "got.raw", [KEY, BASE_KEY]) == bytes(expect)
     assert q.check_encrypted(top, [KEY, BASE_KEY])[0] == 0
+
+
+def test_internal_snapshot_of_a_luks_image_reads_as_qemu(tmp_path: Path):
+    img = _create(tmp_path / "snap.qcow2", "luks-xts", KEY)
+    q.qemu_io_encrypted(img, [KEY], "write -P 0x0f 0 1M")
+    objects, opts = q.encrypted_opts(img, [KEY])
+    q.qemu_img("snapshot", *objects, "--image-opts", "-c", "before", opts)
+    q.qemu_io_encrypted(img, [KEY], "write -P 0xf0 0 512k")
+    with qcowfs.open_image(str(img), writable=True, keys=[KEY.encode()]) as disk:
+        with disk.snapshot("before") as snap:
+            assert snap.read(0, MiB) == b"\x0f" * MiB
+        disk.create_snapshot("after")
+        disk.write(4096, b"\x42" * 100)
+    # QEMU reads both snapshots and the active disk as qcowfs left them
+    for name, want in (("before", b"\x0f" * 512), ("after", b"\xf0" * 512)):
+        out = tmp_path / f"{name}.raw"
+        q.qemu_img("convert", *objects, "--image-opts", "-l", f"snapshot.name={name}",
+                   "-O", "raw", opts, str(out))
+        assert out.read_bytes()[4096:4096 + 512] == want
+    assert q.to_raw_encrypted(img, tmp_path / "a.raw", [KEY])[4096:4196] == b"\x42" * 100
+    assert q.check_encrypted(img, [KEY])[0] == 0
