@@ -9,7 +9,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gcc systemd \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs util-linux gcc systemd patch \
                 qemu-system-x86 busybox-static \
                 python3-dev python3-venv
 BENCH_APT_PACKAGES := fio qemu-system-common
@@ -26,11 +26,12 @@ system-deps:
 bench-deps:
 	@./.ci/apt-ensure $(BENCH_APT_PACKAGES)
 
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml $(wildcard packaging/pyfuse3-*.patch)
 	@$(MAKE) --no-print-directory system-deps
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) packaging/install-pyfuse3
 	@touch $@
 
 venv: $(VENV)/.stamp

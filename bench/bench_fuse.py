@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -352,6 +353,102 @@ def big_image(d: Path) -> dict:
             "rss_reads_mib": rss_after_reads / 1024}
 
 
+THIN_JOBS = ("convert -f raw of a mostly empty disk", "fstrim through loop + ext4")
+SPARSE_SIZE = "16G"
+SPARSE_DATA = 16  # MiB of data in the mostly empty image, 1 MiB every 1 GiB
+
+
+@contextlib.contextmanager
+def loop_over(path: Path):
+    dev = sh("losetup", "-f", "--show", path).stdout.strip()
+    try:
+        yield dev
+    finally:
+        for _ in range(50):
+            if sh("losetup", "-d", dev, check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+def _thin_side(side: str, image: Path, d: Path, writable: bool):
+    if side == "qcowfs":
+        return qcowfs_mount(image, d / "mnt-thin", "rw" if writable else "ro")
+    return qemu_export(image, d / "thin-export", writable)
+
+
+def _convert_seconds(disk: Path, out: Path) -> float:
+    t0 = time.monotonic()
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, out)
+    elapsed = time.monotonic() - t0
+    out.unlink()
+    return elapsed
+
+
+def _fstrim_rate(disk: Path, d: Path) -> float:
+    """MiB/s that fstrim gives back after a file of half the disk was written and removed."""
+    fs = d / "thin-fs"
+    fs.mkdir(exist_ok=True)
+    with loop_over(disk) as dev:
+        sh("mkfs.ext4", "-q", "-E", "nodiscard", dev)
+        sh("mount", dev, fs)
+        try:
+            size_mib = os.stat(disk).st_size >> 21
+            sh("dd", "if=/dev/urandom", f"of={fs}/fill", "bs=1M", f"count={size_mib}",
+               "conv=fsync")
+            os.unlink(fs / "fill")
+            os.sync()
+            t0 = time.monotonic()
+            out = sh("fstrim", "-v", fs).stdout  # "/path: 229.9 MiB (241065984 bytes) trimmed"
+            elapsed = time.monotonic() - t0
+        finally:
+            sh("umount", fs, check=False)
+    trimmed = int(re.search(r"\((\d+) bytes\)", out).group(1))
+    return trimmed / elapsed / (1 << 20)
+
+
+def thin_rows(d: Path) -> list[dict]:
+    """The thin-provisioning jobs (BENCH_JOBS matches their names too), qcowfs beside QEMU's
+    export, interleaved, medians: ``qemu-img convert -f raw`` of a 16 GiB disk holding 16 MiB
+    (time; SEEK_DATA/SEEK_HOLE let it skip the holes), and fstrim of a freshly emptied ext4
+    on a loop device over the disk (MiB/s given back)."""
+    rows = []
+    if not JOB_FILTER or JOB_FILTER in THIN_JOBS[0]:
+        sparse = d / "sparse.qcow2"
+        sh("qemu-img", "create", "-q", "-f", "qcow2", sparse, SPARSE_SIZE)
+        sh("qemu-io", *[a for k in range(SPARSE_DATA) for a in ("-c", f"write -P 0x5a {k}G 1M")],
+           sparse)
+        times: dict[str, list[float]] = {"qcowfs": [], "qemu": []}
+        for i in range(SAMPLES):
+            for side in times:
+                with _thin_side(side, sparse, d, False) as disk:
+                    times[side].append(_convert_seconds(disk, d / "converted.qcow2"))
+            print(f"{THIN_JOBS[0]} sample {i + 1}: " + "  ".join(
+                f"{side} {times[side][-1]:.2f} s" for side in times), flush=True)
+        rows.append({"job": THIN_JOBS[0], "unit": "s",
+                     **{side: statistics.median(v) for side, v in times.items()}})
+    if not JOB_FILTER or JOB_FILTER in THIN_JOBS[1]:
+        rates: dict[str, list[float]] = {"qcowfs": [], "qemu": []}
+        for i in range(SAMPLES):
+            for side in rates:
+                img = d / f"trim-{side}.qcow2"
+                sh("qemu-img", "create", "-q", "-f", "qcow2", img, SIZE)
+                with _thin_side(side, img, d, True) as disk:
+                    rates[side].append(_fstrim_rate(disk, d))
+                img.unlink()
+            print(f"{THIN_JOBS[1]} sample {i + 1}: " + "  ".join(
+                f"{side} {rates[side][-1]:.0f} MiB/s" for side in rates), flush=True)
+        rows.append({"job": THIN_JOBS[1], "unit": "MiB/s",
+                     **{side: statistics.median(v) for side, v in rates.items()}})
+    return rows
+
+
+def thin_table(rows: list[dict]) -> str:
+    lines = ["| thin-provisioning job | qcowfs | QEMU | unit |", "|---|---:|---:|---|"]
+    lines += [f"| {r['job']} | {r['qcowfs']:,.2f} | {r['qemu']:,.2f} | {r['unit']} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def machine() -> str:
     import pyfuse3
     import trio
@@ -382,14 +479,16 @@ def main() -> int:
         load_start = os.getloadavg()[0]
         print(f"bench: {SAMPLES} samples x {RUNTIME} s per job and side, images of {SIZE}, "
               f"O_DIRECT, interleaved qcowfs/QEMU/passthrough", flush=True)
-        results = run_jobs(d)
+        fio_wanted = not JOB_FILTER or any(JOB_FILTER in job[0] for job in JOBS)
+        results = run_jobs(d) if fio_wanted else []
+        read_back = run_jobs(d, writes_read_back=True) if fio_wanted else []
+        thin = thin_rows(d)
         results += luks_jobs(d)
-        read_back = run_jobs(d, writes_read_back=True)
         if JOB_FILTER:
-            print()
-            print(table(results))
-            print()
-            print(table(read_back))
+            for rows, show in ((results, table), (read_back, table), (thin, thin_table)):
+                if rows:
+                    print()
+                    print(show(rows))
             return 0
         dio = direct_io_comparison(d)
         big = big_image(d)
@@ -418,6 +517,8 @@ def main() -> int:
     print(table(read_back))
     print()
     print(extra)
+    print()
+    print(thin_table(thin))
     print()
     print(dio_text)
     doc = REPO / "docs" / "performance.md"
@@ -450,6 +551,12 @@ def main() -> int:
         "folio), on every side. QEMU runs those writes in its thread pool, overlapped; qcowfs "
         "runs them inline, one at a time:\n\n"
         f"{table(read_back)}\n\n| measure | value |\n|---|---:|\n{extra}\n\n"
+        "Thin provisioning, same samples and medians, qcowfs beside QEMU's export: "
+        f"`qemu-img convert -f raw -O qcow2` of a {SPARSE_SIZE} disk holding "
+        f"{SPARSE_DATA} MiB (seconds, lower is better; both sides answer SEEK_DATA/SEEK_HOLE), "
+        "and `fstrim` of an ext4 on a loop device over the disk, just emptied of a file of "
+        "half its size (MiB/s given back, higher is better):\n\n"
+        f"{thin_table(thin)}\n\n"
         "qcowfs's own FUSE direct I/O switch (`-o direct_io=on`, the default, against "
         "`direct_io=off`) for buffered I/O, same samples and medians; with `off` the kernel "
         "page cache serves repeated reads:\n\n"

@@ -132,8 +132,10 @@ def kernel_image() -> Path:
     return next((kernel_tree() / "boot").glob("vmlinuz-*"))
 
 
-def boot(drive: Path, initramfs: Path, *, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Boot under TCG with ``drive`` as a raw virtio disk; returns when the guest powers off."""
+def boot(drive: Path, initramfs: Path, *, timeout: float = 600,
+         discard: bool = False) -> subprocess.CompletedProcess:
+    """Boot under TCG with ``drive`` as a raw virtio disk; returns when the guest powers off.
+    With ``discard`` the guest's TRIM is passed on to the drive (``discard=unmap``)."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise GuestUnavailable("qemu-system-x86_64 is missing (install qemu-system-x86)")
@@ -141,5 +143,6 @@ def boot(drive: Path, initramfs: Path, *, timeout: float = 600) -> subprocess.Co
         [qemu, "-machine", "q35", "-accel", "tcg", "-m", "256", "-smp", "1", "-nographic",
          "-no-reboot", "-nodefaults", "-serial", "stdio", "-kernel", str(kernel_image()),
          "-initrd", str(initramfs), "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
-         "-drive", f"file={drive},format=raw,if=virtio,cache=none,aio=threads"],
+         "-drive", f"file={drive},format=raw,if=virtio,cache=none,aio=threads"
+                   + (",discard=unmap" if discard else "")],
         capture_output=True, text=True, timeout=timeout)

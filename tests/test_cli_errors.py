@@ -189,19 +189,23 @@ def test_locked_image_refused_unless_shared(held_by_qemu, tmp_path):
     img = held_by_qemu
     for args in (["info", str(img)], ["map", str(img)], ["check", str(img)],
                  ["compare", str(img), str(img)], ["convert", str(img), str(tmp_path / "o.raw")],
-                 ["check", "-r", "leaks", str(img)]):
+                 ["check", "-r", "leaks", str(img)], ["measure", str(img)],
+                 ["dd", f"if={img}", f"of={tmp_path / 'dd.raw'}"]):
         p = qcowfs_subprocess(*args, timeout=60)
         assert p.returncode in (1, 2), (args, p.stderr)
         assert "lock" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     for args in (["info", "-U", str(img)], ["map", "-U", str(img)], ["check", "-U", str(img)],
-                 ["compare", "-U", str(img), str(img)]):
+                 ["compare", "-U", str(img), str(img)], ["measure", "-U", str(img)],
+                 ["dd", "-U", f"if={img}", f"of={tmp_path / 'dd.raw'}"]):
         p = qcowfs_subprocess(*args, timeout=60)
         assert p.returncode == 0, (args, p.stderr)
     other = good(tmp_path, "other.qcow2")
     for args in (["create", "-f", "qcow2", str(img), "1M"], ["snapshot", "-c", "s", str(img)],
                  ["convert", "-O", "qcow2", str(other), str(img)],
                  ["resize", str(img), "+1M"], ["rebase", "-u", "-b", "x.qcow2", "-F", "qcow2",
-                                                str(img)], ["snapshot", "-l", str(img)]):
+                                                str(img)], ["snapshot", "-l", str(img)],
+                 ["bitmap", "--add", str(img), "b"],
+                 ["dd", f"if={other}", f"of={img}"]):
         p = qcowfs_subprocess(*args, timeout=60)
         assert p.returncode == 1 and "lock" in p.stderr, (args, p.stderr)
         assert p.stderr.count("\n") == 1

@@ -130,7 +130,10 @@ def test_option_help_does_not_create_the_file(tmp_path):
     assert not target.exists()
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in ("mount", "umount")])
+# qemu-img measure answers an unknown option with its whole help and exit 0: qcowfs gives
+# its one-line usage error there too
+@pytest.mark.parametrize("command", [c for c in COMMANDS
+                                     if c not in ("mount", "umount", "measure")])
 def test_usage_errors_exit_1_in_one_line_like_qemu_img(tmp_path, command):
     img = create(tmp_path / "a.qcow2", "1M")
     mine = qcowfs(command, "--bogus-option", img)

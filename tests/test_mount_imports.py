@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: (a writable qcow2 / a dirty one), zstandard (the first zstd cluster).
 OTHER_COMMANDS = {f"qcowfs.cli.{name}" for name in (
     "umount", "create", "info", "check", "commit", "rebase", "snapshot", "resize", "map",
-    "convert", "compare")}
+    "convert", "compare", "measure", "dd", "bitmap", "amend")}
 WRITE_PATH = {"qcowfs.image.write", "qcowfs.image.refcount"}
 CHECKER = {"qcowfs.image.check", "qcowfs.image.walk", "qcowfs.image.refcount_read"}
 

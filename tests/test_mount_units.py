@@ -109,3 +109,14 @@ async def test_writes_past_the_end_and_shrinks_are_refused(tmp_path):
     with pytest.raises(FsError) as refused:
         await ops._truncate(ops.tree.disk_node, 4096)
     assert refused.value.errno == errno.EPERM
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_a_stock_binding_logs_one_line_that_discard_and_holes_are_unavailable(
+        tmp_path, caplog, monkeypatch, patched):
+    monkeypatch.setattr(pyfuse3, "HANDLES_FALLOCATE_LSEEK", patched, raising=False)
+    ops = _ops(RuntimeError("unused"), tmp_path)
+    with caplog.at_level("INFO", logger="qcowfs.mount"):
+        ops.init()
+    said = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(said) == (0 if patched else 1), said

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from qcowfs.format.tables import ClusterKind
 from qcowfs.image import scanmode
 from qcowfs.image.info import allocated_bytes
-from qcowfs.image.qcow2 import Qcow2Image
+from qcowfs.image.qcow2 import Mapping, Qcow2Image
 from qcowfs.image.raw import RawImage
 from qcowfs.image.refcount_read import looks_metadata_preallocated
 
@@ -65,15 +65,18 @@ class ChainStatus:
     """Block status of a chain (top first). ``names`` are the layers' file names as reported
     (the human map output prints them)."""
 
-    def __init__(self, layers: list[Layer], names: list[str] | None = None):
+    def __init__(self, layers: list[Layer], names: list[str] | None = None, *,
+                 top: Mapping | None = None):
         self.layers = layers
+        #: the top layer's guest view when it is not the active disk (an internal snapshot)
+        self.top = top
         self.names = names or [layer.path for layer in layers]
         self._prealloc: dict[int, bool] = {}
         self._whole: dict[int, bool] = {}
 
     @property
     def size(self) -> int:
-        return _layer_size(self.layers[0])
+        return self.top.size if self.top is not None else _layer_size(self.layers[0])
 
     def entries(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """Unmerged entries, in order, covering ``[offset, offset + length)``."""
@@ -166,14 +169,15 @@ class ChainStatus:
         qcowfs.image.scanmode), a small one's entry by entry."""
         layer = self.layers[depth]
         assert isinstance(layer, Qcow2Image)
+        mapping = self.top if depth == 0 and self.top is not None else layer.active
         whole = self._whole.get(depth)
         if whole is None:
             whole = scanmode.whole_tables(-(-layer.file.size // layer.cluster_size))
             self._whole[depth] = whole
         if whole:
             from qcowfs.image import tablescan
-            return tablescan.mapping_extents(layer.active, pos, n)
-        return layer.active.extents(pos, n)
+            return tablescan.mapping_extents(mapping, pos, n)
+        return mapping.extents(pos, n)
 
     def _metadata_preallocated(self, depth: int) -> bool:
         found = self._prealloc.get(depth)

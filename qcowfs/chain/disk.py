@@ -127,6 +127,7 @@ class SnapshotDisk(_View):
         self.size = mapping.size
         self.path = disk.path
         self._fill = _chain_fill(disk.layers, 1)
+        self._status = None  # the block status behind seek, made at the first one
 
     def _readinto_view(self, buf: memoryview, offset: int) -> None:
         self.mapping.readinto(buf, offset, self._fill)
@@ -134,12 +135,61 @@ class SnapshotDisk(_View):
     def _read_view(self, offset: int, n: int) -> bytes:
         return self.mapping.read(offset, n, self._fill)
 
+    def seek(self, offset: int, data: bool) -> int:
+        """lseek's SEEK_DATA (``data``) or SEEK_HOLE: the snapshot over the chain below."""
+        from .seek import next_boundary
+        if self._status is None:
+            from .blockstatus import ChainStatus
+            self._status = ChainStatus(self._disk.layers, top=self.mapping)
+        return next_boundary(self._status, offset, data, self.path)
+
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyError(self.path, f"snapshot {self.info.id} is read-only")
 
 
 def _layer_size(layer: Layer) -> int:
     return layer.active.size if isinstance(layer, Qcow2Image) else layer.size
+
+
+def _read_layer(layer: Layer, buf: memoryview, offset: int, fill: FillFn) -> None:
+    """One layer's guest bytes, its unallocated ranges from ``fill`` (the layers below)."""
+    if isinstance(layer, Qcow2Image):
+        layer.active.readinto(buf, offset, fill)
+    else:
+        layer.readinto(buf, offset)
+
+
+class LayerDisk(_View):
+    """A read-only view of one image of the chain over everything below it: the guest disk as
+    that layer saw it, at its own virtual size (the chain's external checkpoints)."""
+
+    writable = False
+
+    def __init__(self, layers: list[Layer], depth: int):
+        self.depth = depth
+        self.layer = layers[depth]
+        self._below = layers[depth:]
+        self._status = None  # the block status behind seek, made at the first one
+        self.path = self.layer.path
+        self._fill = _chain_fill(layers, depth + 1)
+
+    @property
+    def size(self) -> int:
+        return _layer_size(self.layer)
+
+    def _readinto_view(self, buf: memoryview, offset: int) -> None:
+        _read_layer(self.layer, buf, offset, self._fill)
+
+    def seek(self, offset: int, data: bool) -> int:
+        """lseek's SEEK_DATA (``data``) or SEEK_HOLE over this layer and those below it."""
+        from .seek import next_boundary
+        if self._status is None:
+            from .blockstatus import ChainStatus
+            self._status = ChainStatus(self._below)
+        return next_boundary(self._status, offset, data, self.path)
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise ReadOnlyError(self.path, f"layer {self.depth} is read-only")
 
 
 class Disk(_View):
@@ -173,11 +223,7 @@ class Disk(_View):
         return top.active.size if isinstance(top, Qcow2Image) else top.size
 
     def _readinto_view(self, buf: memoryview, offset: int) -> None:
-        top = self.top
-        if isinstance(top, Qcow2Image):
-            top.active.readinto(buf, offset, self._fill)
-        else:
-            top.readinto(buf, offset)
+        _read_layer(self.top, buf, offset, self._fill)
 
     def _read_view(self, offset: int, n: int) -> bytes:
         top = self.top
@@ -200,6 +246,15 @@ class Disk(_View):
         entry = top.find_snapshot(id_or_name)
         mapping = top.snapshot_mapping(entry)
         return SnapshotDisk(self, mapping, SnapshotInfo.from_entry(entry, top.header.size))
+
+    def layer(self, depth: int) -> LayerDisk:
+        """Layer ``depth`` of the chain (0 is the top) over the layers below it, read-only."""
+        if not 0 <= depth < len(self.layers):
+            raise ImageError(self.path, f"the chain has no layer {depth}")
+        return LayerDisk(self.layers, depth)
+
+    def layer_size(self, depth: int) -> int:
+        return _layer_size(self.layers[depth])
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -236,6 +291,35 @@ class Disk(_View):
         at the end of the disk counts as whole). Durable at the next ``flush()``."""
         from qcowfs.image import discard
         discard.discard(self._qcow2_writer("discard"), offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Make the range read as zeros and give back the top image's clusters there (see
+        :func:`qcowfs.image.discard.punch_hole`). Durable at the next ``flush()``."""
+        from qcowfs.image import discard
+        discard.punch_hole(self._qcow2_writer("punching holes"), offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros: zero clusters where whole clusters are covered (v3),
+        zeros written at the edges and on v2. Durable at the next ``flush()``."""
+        w = self._qcow2_writer("writing zeroes")
+        w.check_usable()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ImageError(self.path, f"write of {length} zero bytes at offset {offset} "
+                                        f"lies outside the disk ({self.size} bytes)",
+                             errno=_errno.EINVAL)
+        w.write_zeroes(offset, length)
+
+    def seek(self, offset: int, data: bool) -> int:
+        """lseek's SEEK_DATA (``data``) or SEEK_HOLE over the whole chain."""
+        from .seek import next_boundary
+        return next_boundary(self._status(), offset, data, self.path)
+
+    def _status(self):
+        status = getattr(self, "_chain_status", None)
+        if status is None:
+            from .blockstatus import ChainStatus
+            status = self._chain_status = ChainStatus(self.layers)
+        return status
 
     def _qcow2_writer(self, what: str) -> Qcow2Writer:
         self._require_writable()
@@ -306,4 +390,4 @@ def open_image(path: str, writable: bool = False, *, format: str | None = None,
         raise
 
 
-__all__ = ["Disk", "SnapshotDisk", "SnapshotInfo", "open_image", "RawImage"]
+__all__ = ["Disk", "LayerDisk", "SnapshotDisk", "SnapshotInfo", "open_image", "RawImage"]

@@ -8,6 +8,8 @@ import math
 import re
 import sys
 
+from .main import CommandError
+
 _SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
           "e": 1 << 60}
@@ -92,6 +94,16 @@ def parse_options(texts: list[str] | None) -> dict[str, str]:
             key, sep, value = part.partition("=")
             out[key.strip()] = value if sep else "on"
     return out
+
+
+def parse_bool(name: str, value: str) -> bool:
+    """An on/off option value, with the spellings QEMU accepts."""
+    v = value.lower()
+    if v in ("on", "yes", "true", "y"):
+        return True
+    if v in ("off", "no", "false", "n"):
+        return False
+    raise CommandError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def add_probed_format(parser: argparse.ArgumentParser, what: str = "image format") -> None:

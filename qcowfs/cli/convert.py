@@ -6,10 +6,11 @@ import argparse
 import os
 
 from qcowfs.chain import convert as engine
-from qcowfs.chain.disk import Disk
+from qcowfs.chain.disk import Disk, open_image
 from qcowfs.chain.locks import lock_chain, refuse_if_in_use
 from qcowfs.chain.resolve import backing_path, open_chain, probe_format
 from qcowfs.image.create import validate
+from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import (
     SizeError,
@@ -63,6 +64,10 @@ def register(sub) -> None:
                    help="write into an existing target (not supported yet)")
     p.add_argument("--target-is-zero", action="store_true",
                    help="the -n target reads as zeros")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy the source's persistent bitmaps (qcow2 v3 to qcow2 v3)")
+    p.add_argument("--skip-broken-bitmaps", action="store_true",
+                   help="with --bitmaps, leave out bitmaps in use instead of failing")
     p.add_argument("--salvage", action="store_true",
                    help="go on past read errors (not supported yet)")
     p.add_argument("files", nargs="*", metavar="FILE",
@@ -112,6 +117,35 @@ def _snapshot_name(text: str) -> str:
     return text
 
 
+def _bitmaps_to_copy(args: argparse.Namespace, src: Disk, options) -> list:
+    """The source's bitmaps ``--bitmaps`` copies, with qemu-img's refusals."""
+    from qcowfs.image import bitmaps
+
+    if options is None:
+        raise CommandError("Format driver 'raw' does not support bitmaps")
+    if options.version < 3:
+        raise CommandError("Format driver 'qcow2' does not support bitmaps")
+    top = src.top
+    if not isinstance(top, Qcow2Image) or top.header.version < 3:
+        raise CommandError("Source lacks bitmap support")
+    found = bitmaps.load(top)
+    for bm in reversed(found):  # QEMU names the last one first
+        if bm.in_use and not args.skip_broken_bitmaps:
+            raise CommandError(f"Cannot copy inconsistent bitmap '{bm.name}'")
+    return [bm for bm in found if not bm.in_use]
+
+
+def _store_bitmaps(dest: str, copied: list) -> None:
+    from qcowfs.image import bitmaps
+
+    out = open_image(dest, writable=True, format="qcow2")
+    try:
+        assert out.writer is not None
+        bitmaps.store(out.writer, bitmaps.resized(copied, out.size), [])
+    finally:
+        out.close()
+
+
 def run(args: argparse.Namespace) -> int:
     args.source = args.files[0] if len(args.files) > 1 else None
     args.dest = args.files[-1] if args.files else None
@@ -157,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
                 raise CommandError(f"{args.dest}: compression and a backing file are not "
                                    f"supported with encryption")
             validate(args.dest, options)
+        copied = _bitmaps_to_copy(args, src, options) if args.bitmaps else None
         refuse_if_in_use(args.dest)
         show = args.progress and not args.quiet
         with progress_bar(show, view.size, "convert") as step:
@@ -167,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 engine.to_qcow2(view, args.dest, options, compress=args.compress,
                                 backing=backing, progress=step)
+        if copied:
+            _store_bitmaps(args.dest, copied)
     finally:
         if backing is not None:
             backing.close()

@@ -11,7 +11,7 @@ from qcowfs.format import header as hdr
 from qcowfs.image.create import QcowOptions, create_qcow2, create_raw, round_size
 from qcowfs.image.qcow2 import Qcow2Image
 
-from .common import SizeError, parse_options, parse_size, warn
+from .common import SizeError, parse_bool, parse_options, parse_size, warn
 from .imageopts import add_image_source
 from .main import CommandError
 
@@ -50,8 +50,6 @@ OPTION_HELP = {
     "refcount_bits": ("num", "Width of a reference count entry in bits"),
     "size": ("size", "Virtual disk size"),
 }
-_TRUE = {"on", "yes", "true", "y"}
-_FALSE = {"off", "no", "false", "n"}
 
 
 def register(sub) -> None:
@@ -76,15 +74,6 @@ def register(sub) -> None:
     add_image_source(p, image_opts=False)
     p.add_argument("size", nargs="?", help="virtual size, with an optional k/M/G/T/P/E suffix")
     p.set_defaults(func=run)
-
-
-def _bool(name: str, value: str) -> bool:
-    v = value.lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise CommandError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def wants_help(texts: list[str] | None) -> bool:
@@ -216,15 +205,15 @@ def qcow_options(opts: dict[str, str], filename: str, size: int,
             o.refcount_bits = int(opts["refcount_bits"])
         except ValueError:
             raise CommandError(f"{filename}: Invalid refcount_bits") from None
-    o.lazy_refcounts = _bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
-    o.extended_l2 = _bool("extended_l2", opts.get("extended_l2", "off"))
+    o.lazy_refcounts = parse_bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
+    o.extended_l2 = parse_bool("extended_l2", opts.get("extended_l2", "off"))
     ctype = opts.get("compression_type", "zlib")
     if ctype not in ("zlib", "zstd"):
         raise CommandError(f"{filename}: Invalid parameter value for 'compression_type': "
                            f"'{ctype}'")
     o.compression_type = hdr.COMPRESSION_ZSTD if ctype == "zstd" else hdr.COMPRESSION_ZLIB
     o.data_file = opts.get("data_file") or None
-    o.data_file_raw = _bool("data_file_raw", opts.get("data_file_raw", "off"))
+    o.data_file_raw = parse_bool("data_file_raw", opts.get("data_file_raw", "off"))
     o.preallocation = opts.get("preallocation", "off")
 
     return o
@@ -235,7 +224,7 @@ def _encrypt_options(o: QcowOptions, opts: dict[str, str], filename: str,
     """encrypt.* with QEMU's defaults (luks: aes-256, xts, plain64, sha256, 2000 ms); the
     legacy ``encryption=on`` means AES, which is made only when asked for by name."""
     fmt = opts.get("encrypt.format")
-    if _bool("encryption", opts.get("encryption", "off")):
+    if parse_bool("encryption", opts.get("encryption", "off")):
         if fmt not in (None, "aes"):
             raise CommandError(f"{filename}: encrypt.format and encryption are in conflict")
         fmt = "aes"

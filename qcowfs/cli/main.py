@@ -17,7 +17,7 @@ from qcowfs.errors import ImageError
 
 COMMANDS = (
     "mount", "umount", "create", "info", "check", "commit", "rebase", "snapshot", "resize",
-    "map", "convert", "compare",
+    "map", "convert", "compare", "measure", "dd", "bitmap", "amend",
 )
 
 EXIT_ERROR = 1

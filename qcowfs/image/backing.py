@@ -17,7 +17,14 @@ def set_backing_file(image: Qcow2Image, name: str | None, fmt: str | None) -> No
     if not image.file.writable:
         raise ImageError(image.path, "image is open read-only")
     old = image.header
-    new = old.replace(backing_file=name or None, backing_format=fmt if name else None)
+    write_header(image, old.replace(backing_file=name or None,
+                                    backing_format=fmt if name else None))
+
+
+def write_header(image: Qcow2Image, new: hdr.Header) -> None:
+    """Replace the header, its extensions and the backing name with ``new``: one write inside
+    cluster 0, then synced, so a reader sees the old header or the new one."""
+    old = image.header
     try:
         data = hdr.serialize_header(new)
     except FormatError as exc:

@@ -28,6 +28,8 @@ def discard(w: Qcow2Writer, offset: int, length: int) -> None:
     if offset < 0 or length < 0 or offset + length > size:
         raise ImageError(w.path, f"discard of {length} bytes at offset {offset} lies outside "
                                  f"the disk ({size} bytes)", errno=errno.EINVAL)
+    if w.bitmaps is not None:
+        w.mark_bitmaps(offset, length)  # the request, as QEMU marks it
     cs = w.cs
     first = -(-offset // cs)
     end = offset + length
@@ -79,3 +81,28 @@ def _discard_in_table(w: Qcow2Writer, l1i: int, lo: int, hi: int) -> None:
             if step == 2:
                 table[j + 1] = 0
     w.touch_l2(l2, table)
+
+
+def punch_hole(w: Qcow2Writer, offset: int, length: int) -> None:
+    """Make ``[offset, offset + length)`` read as zeros, giving back what the top image can.
+
+    Whole clusters past the end of the backing chain (all of them without one) become
+    unallocated: nothing shows through there. Below that end a freed cluster would show the
+    backing file, so it becomes a zero cluster (v3, its host cluster freed) or is written with
+    zeros (v2, which has no zero clusters: QEMU's discard would let the backing data show,
+    which punch-hole must not). Partial clusters are written with zeros. Every step is an
+    ordinary writer change, so the flush order keeps it crash-safe."""
+    w.check_usable()
+    size = w.img.active.size
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ImageError(w.path, f"punch of {length} bytes at offset {offset} lies outside "
+                                 f"the disk ({size} bytes)", errno=errno.EINVAL)
+    end = offset + length
+    split = min(end, max(offset, w.backing_size))
+    if split > offset:
+        w.write_zeroes(offset, split - offset)
+    if end > split:
+        discard(w, split, end - split)
+        # what discard left (partial clusters) still holds data: zero it; clusters that now
+        # read zeros from the metadata alone are left as they are
+        w.write_zeroes(split, end - split)

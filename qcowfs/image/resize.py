@@ -44,6 +44,7 @@ def grow_l1(w: Qcow2Writer, entries: int) -> None:
 
 
 def set_size(w: Qcow2Writer, size: int) -> None:
+    w.resize_bitmaps(size)
     w.file.write(hdr.OFF_SIZE, hdr.pack_u64(size))
     w.file.sync()
     w.header.size = size

@@ -202,6 +202,8 @@ def apply(w: Qcow2Writer, id_or_name: str) -> None:
     w.check_usable()
     entry = img.find_snapshot(id_or_name)
     mapping = img.snapshot_mapping(entry)
+    if w.bitmaps is not None:
+        w.mark_bitmaps(0, img.active.size)  # any granule may change
     with w.dirty_during():
         w.full_flush()
         if len(mapping.l1) > len(img.active.l1):

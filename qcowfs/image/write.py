@@ -40,6 +40,7 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     encode_u64_table,
 )
+from qcowfs.image import bitmaps as persistent
 from qcowfs.image.qcow2 import FillFn, Qcow2Image
 from qcowfs.image.refcount import Refcounts
 
@@ -123,14 +124,19 @@ class Qcow2Writer:
         image.l2_cache.set_write_back(self._write_l2)
         self.rebuild_metadata_set()
         self.bitmap_directory_at_open: bytes | None = None
+        #: every persistent bitmap, in memory, while they are kept exact (else None)
+        self.bitmaps: list | None = None
+        #: the enabled, consistent ones: each write sets its granules in these
+        self.tracking: list = []
+        self.bitmaps_touched = False
         self._open_fixups()
 
     # --- opening --------------------------------------------------------------------------
 
     def _open_fixups(self) -> None:
-        """qcowfs keeps no dirty bitmaps, so before it writes anything QEMU must stop trusting
-        them. With a consistent bitmaps extension, mark every bitmap in use -- what QEMU itself
-        does while it runs: readers then treat them as inconsistent, yet their clusters stay
+        """With a consistent bitmaps extension, mark every bitmap in use before anything is
+        written -- what QEMU itself does while it runs, so a crash leaves them distrusted --
+        and load them to keep them exact (written back at a clean close). Their clusters stay
         referenced (clearing the autoclear bit instead would make QEMU drop the directory and
         count every bitmap cluster as leaked). Unknown autoclear bits are cleared."""
         h = self.header
@@ -150,18 +156,62 @@ class Qcow2Writer:
                     marked = None
             if marked is None:
                 known &= ~hdr.AUTOCLEAR_BITMAPS  # unreadable: let QEMU drop it
-            elif marked != raw:
-                self.bitmap_directory_at_open = raw
-                self.file.write(ext.directory_offset, marked)
-                self.file.sync()
+            else:
+                self._load_bitmaps(raw)
+                if marked != raw:
+                    self.bitmap_directory_at_open = raw
+                    self.file.write(ext.directory_offset, marked)
+                    self.file.sync()
         if h.autoclear_features & ~known:
             h.autoclear_features &= known
             self.file.write(hdr.OFF_AUTOCLEAR, hdr.pack_u64(h.autoclear_features))
             self.file.sync()
 
+    def _load_bitmaps(self, directory: bytes) -> None:
+        try:
+            loaded = persistent.load(self.img, directory,
+                                     max_bytes=persistent.MAX_TRACKED_BYTES)
+        except ImageError:
+            return  # they stay in use, as QEMU leaves bitmaps it cannot load
+        if loaded is None:
+            return
+        self.bitmaps = loaded
+        self.bitmaps_size = self.img.active.size
+        self.tracking = [bm for bm in loaded if bm.enabled and not bm.in_use]
+
+    def mark_bitmaps(self, offset: int, length: int) -> None:
+        """A guest write, zero write or discard of ``[offset, offset + length)``: set its
+        granules in every enabled bitmap."""
+        self.bitmaps_touched = True
+        for bm in self.tracking:
+            persistent.set_range(bm, offset, length)
+
+    def resize_bitmaps(self, size: int) -> None:
+        """The disk is now ``size`` bytes: every bitmap follows (bits past the end dropped,
+        new ones clear), as QEMU resizes them."""
+        if self.bitmaps is None:
+            return
+        for bm in self.bitmaps:
+            persistent.fit(bm, size)
+        self.bitmaps_size = size
+        self.bitmaps_touched = True
+
+    def _close_bitmaps(self) -> None:
+        """Write the kept bitmaps back with in-use cleared: the directory as it was when
+        nothing was written, else every bitmap in new clusters (image/bitmaps.py)."""
+        if self.bitmaps is None or self.img.active.size != self.bitmaps_size:
+            return
+        if not self.bitmaps_touched:
+            self.restore_bitmaps()
+            return
+        persistent.store(self, self.bitmaps, self.bitmaps)
+        self.bitmaps = None
+
     def restore_bitmaps(self) -> None:
         """Put the bitmap directory back as it was at open: only for an operation that leaves
         the guest view unchanged (commit's discard), once that is durable."""
+        self.bitmaps = None
+        self.tracking = []
         raw = self.bitmap_directory_at_open
         if raw is not None and self.header.bitmaps:
             self.file.write(self.header.bitmaps.directory_offset, raw)
@@ -319,6 +369,8 @@ class Qcow2Writer:
         """Clean close: all metadata written, refcounts exact, dirty bit cleared."""
         if self.closed:
             return
+        if not self.broken:
+            self._close_bitmaps()
         self.closed = True
         if self.broken:
             return
@@ -388,6 +440,8 @@ class Qcow2Writer:
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` read as zeros (zero clusters where it can)."""
+        if self.bitmaps is not None:
+            self.mark_bitmaps(offset, length)
         pos = offset
         while pos < offset + length:
             n = min(offset + length - pos, len(_ZEROS))
@@ -398,6 +452,8 @@ class Qcow2Writer:
         view = memoryview(data).cast("B")
         if self.crypto is not None and (offset | len(view)) & 511:
             offset, view = self._whole_sectors(offset, view)
+        if self.bitmaps is not None:
+            self.mark_bitmaps(offset, len(view))
         zero = self.zero_detect and not self.raw_data_file and is_zero(view)
         if not zero and self._write_in_place(offset, view):
             return

@@ -33,6 +33,18 @@ from .tree import Attr, FsError, Kind, Tree
 
 log = logging.getLogger("qcowfs.mount")
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: The fallocate modes a thin block device takes; anything else is EOPNOTSUPP.
+FALLOCATE_MODES = frozenset({0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
+                             FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
+
+
+def binding_has_thin_handlers() -> bool:
+    """Whether this pyfuse3 passes fallocate and lseek requests on (qcowfs's patch to it,
+    see docs/design.md, "The FUSE binding"); a stock pyfuse3 leaves them to the kernel."""
+    return bool(getattr(pyfuse3, "HANDLES_FALLOCATE_LSEEK", False))
 
 
 class Handle:
@@ -72,6 +84,10 @@ class QcowfsOperations(pyfuse3.Operations):
 
     def init(self) -> None:
         log.debug("FUSE session initialised")
+        if not binding_has_thin_handlers():
+            log.warning("this pyfuse3 has no fallocate and lseek handlers: discard, "
+                        "write-zeroes and SEEK_DATA/SEEK_HOLE are unavailable (see "
+                        "docs/mount.md, \"Thin provisioning\")")
         if self._on_init is not None:
             try:
                 self._on_init()
@@ -148,7 +164,8 @@ class QcowfsOperations(pyfuse3.Operations):
 
     async def _truncate(self, node, size: int) -> None:
         if node.kind is not Kind.DISK:
-            raise FsError(errno.EROFS if node.kind in (Kind.SNAP_DISK, Kind.SNAP_INFO)
+            raise FsError(errno.EROFS if node.kind in (Kind.SNAP_DISK, Kind.SNAP_INFO,
+                                                       Kind.LAYER_DISK, Kind.LAYER_INFO)
                           else errno.EISDIR)
         if self.read_only:
             raise FsError(errno.EROFS)
@@ -195,6 +212,17 @@ class QcowfsOperations(pyfuse3.Operations):
                 if writing:
                     raise FsError(errno.EROFS)
                 handle = Handle(node, None, False, self.tree.snaps[node.snap_id].meta_text)
+                info_direct = False
+            elif kind is Kind.LAYER_DISK:
+                if writing:
+                    raise FsError(errno.EROFS)
+                handle = Handle(node, self.disk.layer(node.depth), False)
+                # the top layer changes under writes to disk: never trust a cached copy of it
+                info_direct = self.direct_io or node.depth == 0
+            elif kind is Kind.LAYER_INFO:
+                if writing:
+                    raise FsError(errno.EROFS)
+                handle = Handle(node, None, False, self.tree.layer_text(node.depth))
                 info_direct = False
             else:
                 raise FsError(errno.EISDIR)
@@ -249,6 +277,58 @@ class QcowfsOperations(pyfuse3.Operations):
         self.tree.touch_disk()
         return n
 
+    async def fallocate(self, fh, mode, off, length):
+        """Punch-hole and zero-range as a block device takes them (docs/mount.md)."""
+        handle = self.handles[fh]
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if mode not in FALLOCATE_MODES:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        disk = self.disk
+        size = disk.size
+        if off < 0 or length <= 0 or off >= size:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if off + length > size:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            length = size - off
+        if not mode:
+            return  # every byte of the disk is already there to write
+        if getattr(disk, "writer", None) is None:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # a raw top image
+        await self._lock()
+        try:
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                disk.punch_hole(off, length)
+            else:
+                disk.write_zeroes(off, length)
+        except Exception as exc:
+            raise self._fail(exc, f"fallocate mode {mode:#x} of {length} bytes at offset "
+                                  f"{off}") from None
+        finally:
+            self.meta_lock.release()
+        self.tree.touch_disk()
+
+    async def lseek(self, fh, off, whence):
+        """SEEK_DATA and SEEK_HOLE: the allocation of the whole chain."""
+        handle = self.handles[fh]
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        data = whence == os.SEEK_DATA
+        view = handle.view
+        if view is None:  # an info file: all data
+            if off >= len(handle.data):
+                raise pyfuse3.FUSEError(errno.ENXIO)
+            return off if data else len(handle.data)
+        try:
+            return view.seek(off, data)
+        except ImageError as exc:
+            if exc.errno == errno.ENXIO:
+                raise pyfuse3.FUSEError(errno.ENXIO) from None
+            raise self._fail(exc, f"lseek to offset {off}") from None
+        except Exception as exc:
+            raise self._fail(exc, f"lseek to offset {off}") from None
+
     async def flush(self, fh):
         pass
 
@@ -284,7 +364,8 @@ class QcowfsOperations(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         try:
             node = self.tree.node(inode)
-            if node.kind not in (Kind.ROOT, Kind.SNAPSHOTS, Kind.SNAP_DIR):
+            if node.kind not in (Kind.ROOT, Kind.SNAPSHOTS, Kind.SNAP_DIR, Kind.LAYERS,
+                                 Kind.LAYER_DIR):
                 raise FsError(errno.ENOTDIR)
             return inode
         except Exception as exc:

@@ -6,6 +6,10 @@
     /snapshots/<dir>         one directory per internal snapshot (inodes from 16 up)
     /snapshots/<dir>/disk    the snapshot's disk, read-only
     /snapshots/<dir>/info    its metadata, ``key: value`` lines
+    /layers                  ino 4
+    /layers/<depth>-<file>   one directory per image of the backing chain, top first (depth 0)
+    /layers/<dir>/disk       that image over everything below it, read-only
+    /layers/<dir>/info       its path, format, virtual size, backing file and depth
 
 Snapshot directory names (:func:`snapshot_dir_names`): a snapshot appears under its own name
 when that name is a usable file name (not empty, not ``.`` or ``..``, no ``/`` or NUL, at most
@@ -13,6 +17,11 @@ when that name is a usable file name (not empty, not ``.`` or ``..``, no ``/`` o
 ``/`` and NUL replaced by ``_`` (an empty name gives ``~<id>``); if even that is taken, ``~<id>``
 is appended again until it is unique. Inode numbers of a snapshot stay the same as long as the
 snapshot exists and are never reused while the mount lives.
+
+Layer directory names (:func:`layer_dir_names`): the depth in decimal, ``-``, and the image's
+file name (the last part of its path), cut at the end to fit 255 bytes. The depth makes every
+name unique even when two layers share a file name. The chain cannot change while it is mounted
+(its images are locked), so layer inodes are fixed at mount time.
 """
 
 from __future__ import annotations
@@ -29,10 +38,12 @@ from qcowfs.chain.disk import SnapshotInfo
 ROOT_INO = 1
 DISK_INO = 2
 SNAPSHOTS_INO = 3
+LAYERS_INO = 4
 FIRST_DYNAMIC_INO = 16
 
 DISK_NAME = "disk"
 SNAPSHOTS_NAME = "snapshots"
+LAYERS_NAME = "layers"
 INFO_NAME = "info"
 NAME_MAX = 255
 
@@ -52,6 +63,10 @@ class Kind(Enum):
     SNAP_DIR = "snapshot dir"
     SNAP_DISK = "snapshot disk"
     SNAP_INFO = "snapshot info"
+    LAYERS = "layers"
+    LAYER_DIR = "layer dir"
+    LAYER_DISK = "layer disk"
+    LAYER_INFO = "layer info"
 
 
 @dataclass(slots=True)
@@ -59,6 +74,7 @@ class Node:
     ino: int
     kind: Kind
     snap_id: str | None = None
+    depth: int | None = None
 
 
 @dataclass(slots=True)
@@ -84,6 +100,14 @@ class SnapshotNodes:
     disk: Node
     meta: Node
     meta_text: bytes
+
+
+@dataclass(slots=True)
+class LayerNodes:
+    name: str
+    dir: Node
+    disk: Node
+    meta: Node
 
 
 def usable_name(name: str) -> bool:
@@ -121,6 +145,32 @@ def snapshot_dir_names(snapshots: list[SnapshotInfo]) -> dict[str, SnapshotInfo]
         taken[name] = s
     order = {s.id: i for i, s in enumerate(snapshots)}
     return dict(sorted(taken.items(), key=lambda kv: order[kv[1].id]))
+
+
+def layer_dir_names(paths: list[str]) -> list[str]:
+    """The directory name of each chain image, top first (rule in the module docstring)."""
+    names = []
+    for depth, path in enumerate(paths):
+        prefix = os.fsencode(f"{depth}-")
+        base = os.fsencode(os.path.basename(path.rstrip("/")) or path)
+        names.append((prefix + base[:NAME_MAX - len(prefix)]).decode("utf-8", "ignore"))
+    return names
+
+
+def layer_info_text(layer, depth: int) -> bytes:
+    """A chain image's metadata file: one ``key: value`` per line (empty when not set)."""
+    header = getattr(layer, "header", None)
+    fmt = getattr(layer, "format", "raw")
+    size = layer.active.size if header is not None else layer.size
+    lines = [
+        f"path: {os.path.abspath(layer.path)}",
+        f"format: {fmt}",
+        f"virtual_size: {size}",
+        f"backing_file: {(header.backing_file or '') if header is not None else ''}",
+        f"backing_format: {(header.backing_format or '') if header is not None else ''}",
+        f"depth: {depth}",
+    ]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def info_text(s: SnapshotInfo) -> bytes:
@@ -182,9 +232,20 @@ class Tree:
         self.root = Node(ROOT_INO, Kind.ROOT)
         self.disk_node = Node(DISK_INO, Kind.DISK)
         self.snapshots_node = Node(SNAPSHOTS_INO, Kind.SNAPSHOTS)
+        self.layers_node = Node(LAYERS_INO, Kind.LAYERS)
         self.nodes: dict[int, Node] = {n.ino: n for n in
-                                       (self.root, self.disk_node, self.snapshots_node)}
+                                       (self.root, self.disk_node, self.snapshots_node,
+                                        self.layers_node)}
         self._next_ino = FIRST_DYNAMIC_INO
+        chain = getattr(disk, "layers", [])
+        self.layers: list[LayerNodes] = []
+        for depth, name in enumerate(layer_dir_names([layer.path for layer in chain])):
+            nodes = LayerNodes(name, *(Node(self._new_ino(), kind, depth=depth) for kind in
+                                       (Kind.LAYER_DIR, Kind.LAYER_DISK, Kind.LAYER_INFO)))
+            self.layers.append(nodes)
+            for n in (nodes.dir, nodes.disk, nodes.meta):
+                self.nodes[n.ino] = n
+        self.layer_names = {nodes.name: nodes for nodes in self.layers}
         self.snaps: dict[str, SnapshotNodes] = {}  # by snapshot id
         self.snap_names: dict[str, str] = {}  # directory name -> snapshot id
         self.refresh_snapshots()
@@ -237,6 +298,10 @@ class Tree:
                 return name
         raise FsError(errno.ENOENT)
 
+    def layer_text(self, depth: int) -> bytes:
+        """The ``info`` file of a layer, made when asked (the top's size can change)."""
+        return layer_info_text(self.disk.layers[depth], depth)
+
     # --- names ----------------------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
@@ -257,6 +322,21 @@ class Tree:
                 return self.disk_node
             if name == SNAPSHOTS_NAME:
                 return self.snapshots_node
+            if name == LAYERS_NAME:
+                return self.layers_node
+        elif kind is Kind.LAYERS:
+            if name == "..":
+                return self.root
+            if name in self.layer_names:
+                return self.layer_names[name].dir
+        elif kind is Kind.LAYER_DIR:
+            if name == "..":
+                return self.layers_node
+            nodes = self.layers[parent.depth]
+            if name == DISK_NAME:
+                return nodes.disk
+            if name == INFO_NAME:
+                return nodes.meta
         elif kind is Kind.SNAPSHOTS:
             if name == "..":
                 return self.root
@@ -277,7 +357,13 @@ class Tree:
         """The entries of a directory, without ``.`` and ``..``."""
         node = self.node(ino)
         if node.kind is Kind.ROOT:
-            return [(DISK_NAME, self.disk_node), (SNAPSHOTS_NAME, self.snapshots_node)]
+            return [(DISK_NAME, self.disk_node), (SNAPSHOTS_NAME, self.snapshots_node),
+                    (LAYERS_NAME, self.layers_node)]
+        if node.kind is Kind.LAYERS:
+            return [(nodes.name, nodes.dir) for nodes in self.layers]
+        if node.kind is Kind.LAYER_DIR:
+            nodes = self.layers[node.depth]
+            return [(DISK_NAME, nodes.disk), (INFO_NAME, nodes.meta)]
         if node.kind is Kind.SNAPSHOTS:
             return [(name, self.snaps[sid].dir) for name, sid in self.snap_names.items()]
         if node.kind is Kind.SNAP_DIR:
@@ -305,9 +391,21 @@ class Tree:
             return Attr(node.ino, mode, 1, self.uid, self.gid, self.disk.size, blocks,
                         self.disk_mtime_ns, self.disk_mtime_ns, self.disk_ctime_ns)
         if kind is Kind.ROOT:
-            return self._dir(node, 0o555, 3)
+            return self._dir(node, 0o555, 4)
         if kind is Kind.SNAPSHOTS:
             return self._dir(node, 0o555 if self.read_only else 0o777, 2 + len(self.snaps))
+        if kind is Kind.LAYERS:
+            return self._dir(node, 0o555, 2 + len(self.layers))
+        if kind is Kind.LAYER_DIR:
+            return self._dir(node, 0o555, 2)
+        if kind is Kind.LAYER_DISK:
+            t = self.disk_mtime_ns if node.depth == 0 else self.mount_ns
+            return Attr(node.ino, stat.S_IFREG | (0o444 & ~umask), 1, self.uid, self.gid,
+                        self.disk.layer_size(node.depth), 0, t, t, t)
+        if kind is Kind.LAYER_INFO:
+            text = self.layer_text(node.depth)
+            return Attr(node.ino, stat.S_IFREG | (0o444 & ~umask), 1, self.uid, self.gid,
+                        len(text), 0, self.mount_ns, self.mount_ns, self.mount_ns)
         nodes = self.snaps.get(node.snap_id)
         if nodes is None:
             raise FsError(errno.ENOENT)

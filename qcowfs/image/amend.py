@@ -1,0 +1,26 @@
+"""``amend``: changing an open qcow2 image's creation options in place."""
+
+from __future__ import annotations
+
+from qcowfs.format import header as hdr
+
+from .write import Qcow2Writer
+
+
+def set_lazy_refcounts(w: Qcow2Writer, on: bool) -> None:
+    """Turn lazy refcounts on or off. Off: every refcount block is written and durable, the
+    dirty bit is cleared, then the compatible bit; on: the bit alone (the dirty bit comes with
+    the next metadata change)."""
+    h = w.header
+    if h.lazy_refcounts == on:
+        return
+    if not on:
+        w.full_flush()
+        w._stage_refcounts(force=True)
+        if h.dirty:
+            w._set_incompat(h.incompatible_features & ~hdr.INCOMPAT_DIRTY)
+    h.compatible_features = (h.compatible_features | hdr.COMPAT_LAZY_REFCOUNTS if on
+                             else h.compatible_features & ~hdr.COMPAT_LAZY_REFCOUNTS)
+    w.file.write(hdr.OFF_COMPAT, hdr.pack_u64(h.compatible_features))
+    w.file.sync()
+    w.lazy = on
