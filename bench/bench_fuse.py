@@ -112,11 +112,13 @@ def fuse_daemon(argv: list, mountpoint: Path, name: str, stop):
 
 
 @contextlib.contextmanager
-def qemu_export(image: Path, target: Path, writable: bool):
+def qemu_export(image: Path, target: Path, writable: bool, key_file: Path | None = None):
     target.touch()
-    argv = ["qemu-storage-daemon",
+    secret = ["--object", f"secret,id=key,file={key_file}"] if key_file else []
+    encrypt = ",encrypt.key-secret=key" if key_file else ""
+    argv = ["qemu-storage-daemon", *secret,
             "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
-            "--blockdev", "driver=qcow2,node-name=qcow2,file=file",
+            "--blockdev", f"driver=qcow2,node-name=qcow2,file=file{encrypt}",
             "--export", f"type=fuse,id=exp,node-name=qcow2,mountpoint={target},"
                         f"writable={'on' if writable else 'off'}"]
     # It does not exit on fusermount3 -u: SIGTERM.
@@ -227,6 +229,54 @@ def run_jobs(d: Path, writes_read_back: bool = False) -> list[dict]:
                 print(f"{name:<28} sample {i + 1}: " + "  ".join(
                     f"{side} {samples[side][-1]:9.0f}" for side in sides) + " IOPS", flush=True)
             results.append({"job": name, "bs": bs,
+                            **{side: statistics.median(samples.get(side) or [0]) or None
+                               for side in SIDES}})
+    return results
+
+
+LUKS_KEY = "bench key"
+
+
+def make_luks_image(path: Path, key_file: Path) -> None:
+    """A LUKS qcow2 (QEMU's defaults: aes-256-xts-plain64) with every cluster allocated."""
+    for _attempt in range(12):  # qemu-img's "Unable to get accurate CPU usage" under load
+        made = sh("qemu-img", "create", "-q", "-f", "qcow2", "--object",
+                  f"secret,id=key,file={key_file}", "-o",
+                  "encrypt.format=luks,encrypt.key-secret=key,encrypt.iter-time=10,"
+                  "preallocation=full", path, SIZE, check=False)
+        if made.returncode == 0 or "accurate CPU usage" not in made.stderr:
+            break
+    if made.returncode:
+        raise RuntimeError(made.stderr.strip())
+
+
+def luks_jobs(d: Path) -> list[dict]:
+    """The non-COW jobs on a LUKS image: qcowfs (``-o key_file=``) beside QEMU's FUSE export
+    of the same kind of image; rows are named "LUKS <job>" (BENCH_JOBS=LUKS runs only them)."""
+    key_file = d / "luks.key"
+    key_file.write_bytes(LUKS_KEY.encode())
+    img_q, img_e = d / "luks-qcowfs.qcow2", d / "luks-qemu.qcow2"
+    for img in (img_q, img_e):
+        if not img.exists():
+            make_luks_image(img, key_file)
+    results = []
+    with qcowfs_mount(img_q, d / "mnt-luks", f"rw,key_file={key_file}") as q_disk, \
+            qemu_export(img_e, d / "luks-export", True, key_file) as e_disk:
+        targets = {"qcowfs": q_disk, "qemu": e_disk}
+        files = {"qcowfs": img_q, "qemu": img_e}
+        for name, rw, bs, engine, depth, cow in JOBS:
+            label = f"LUKS {name}"
+            if cow or (JOB_FILTER and JOB_FILTER not in label):
+                continue
+            samples: dict[str, list[float]] = {side: [] for side in targets}
+            for i in range(SAMPLES):
+                for side, target in targets.items():
+                    reset_cache(files[side], "write" not in rw)
+                    samples[side].append(fio(target, rw, bs, engine, depth, SIZE))
+                print(f"{label:<28} sample {i + 1}: " + "  ".join(
+                    f"{side} {samples[side][-1]:9.0f}" for side in targets) + " IOPS",
+                    flush=True)
+            results.append({"job": label, "bs": bs,
                             **{side: statistics.median(samples.get(side) or [0]) or None
                                for side in SIDES}})
     return results
@@ -439,6 +489,7 @@ def main() -> int:
         results = run_jobs(d) if fio_wanted else []
         read_back = run_jobs(d, writes_read_back=True) if fio_wanted else []
         thin = thin_rows(d)
+        results += luks_jobs(d)
         if JOB_FILTER:
             for rows, show in ((results, table), (read_back, table), (thin, thin_table)):
                 if rows:

@@ -18,6 +18,8 @@ from qcowfs.errors import (
     FormatError,
     HostIOError,
     ImageError,
+    InvalidKeyError,
+    KeyRequiredError,
     LockedError,
     ReadOnlyError,
     UnsupportedError,
@@ -40,6 +42,8 @@ __all__ = [
     "BackingChainError",
     "ReadOnlyError",
     "LockedError",
+    "KeyRequiredError",
+    "InvalidKeyError",
     "CorruptionError",
     "HostIOError",
 ]

@@ -32,9 +32,21 @@ class FormatError(ImageError):
 
 class UnsupportedError(ImageError):
     """The image is valid but uses something qcowfs does not handle (unknown features,
-    encryption)."""
+    LUKS2, ciphers the crypto library lacks)."""
 
     default_errno = _errno.EOPNOTSUPP
+
+
+class KeyRequiredError(ImageError):
+    """The image is encrypted and no key was given for it."""
+
+    default_errno = _errno.EACCES
+
+
+class InvalidKeyError(ImageError):
+    """The key given for an encrypted image opens none of its key slots."""
+
+    default_errno = _errno.EACCES
 
 
 class BackingChainError(ImageError):

@@ -118,6 +118,8 @@ class ChainStatus:
             if kind == ClusterKind.NORMAL:
                 if self._metadata_preallocated(depth):
                     yield from self._recurse(layer, e, depth, data_name)
+                elif layer.encrypted:  # as QEMU: no host offset for encrypted data
+                    yield MapEntry(e.offset, e.length, depth, True, False, True)
                 else:
                     yield MapEntry(e.offset, e.length, depth, True, False, True, e.host,
                                    data_name)

@@ -21,17 +21,17 @@ from qcowfs.image.qcow2 import Qcow2Image
 
 from .blockstatus import ChainStatus
 from .disk import Disk, open_image
-from .resolve import backing_path, open_chain, probe_format
+from .resolve import Keys, backing_path, keys_below, open_chain, probe_format
 
 CHUNK = 2 * 1024 * 1024
 Progress = Callable[[int], None]
 
 
 def commit(path: str, base: str | None = None, *, empty: bool = True, fmt: str | None = None,
-           progress: Progress | None = None) -> str:
+           progress: Progress | None = None, keys: Keys = None) -> str:
     """Commit ``path`` into its backing file, or into ``base`` (any path to a file of the
-    chain below it). Returns the base's path."""
-    layers = open_chain(path, fmt=fmt)
+    chain below it); ``keys`` unlock encrypted layers by depth. Returns the base's path."""
+    layers = open_chain(path, fmt=fmt, keys=keys)
     try:
         if len(layers) < 2:
             raise ImageError(path, "image does not have a backing file")
@@ -46,7 +46,8 @@ def commit(path: str, base: str | None = None, *, empty: bool = True, fmt: str |
         ranges = [(e.start, e.length) for e in ChainStatus(layers).merged()
                   if e.present and e.depth < depth]
         base_layer = layers[depth]
-        target = open_image(base_layer.path, writable=True, format=base_layer.format)
+        target = open_image(base_layer.path, writable=True, format=base_layer.format,
+                            keys=keys_below(keys, depth))
         try:
             if target.size < view.size:
                 target.resize(view.size)

@@ -325,3 +325,31 @@ def _union(a: list[tuple[int, int]], b) -> list[tuple[int, int]]:
         else:
             out.append([first, last])
     return [(x, y) for x, y in out]
+
+
+def to_encrypted_qcow2(src: Source, dst: str, options: QcowOptions,
+                       progress: Progress | None = None) -> None:
+    """qcow2 output with ``encrypt.format``: the image is created with its LUKS (or AES)
+    header, then written through the ordinary encrypted write path, skipping runs that read as
+    zeros (a new image reads zeros there already)."""
+    from qcowfs.image.create import create_qcow2
+
+    from .disk import open_image
+
+    create_qcow2(dst, options)
+    out = open_image(dst, writable=True, format="qcow2", keys=[options.encrypt_key])
+    try:
+        done = 0
+        for start, end in _nonzero_runs(src):
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                data = src.read(pos, n)
+                if data.count(0) != len(data):
+                    out.write(pos, data)
+                pos += n
+                if progress:
+                    progress(pos - done)
+                    done = pos
+    finally:
+        out.close()

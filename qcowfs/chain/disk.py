@@ -13,7 +13,7 @@ from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, FillFn, Mapping, Qcow2Ima
 from qcowfs.image.raw import RawImage
 
 from .locks import lock_chain
-from .resolve import Layer, open_chain
+from .resolve import Keys, Layer, open_chain
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -199,6 +199,9 @@ class Disk(_View):
     stay read-only); see docs/design.md, "The write path"."""
 
     def __init__(self, layers: list[Layer], writable: bool, *, zero_detect: bool = True):
+        for layer in layers:
+            if isinstance(layer, Qcow2Image):
+                layer.require_key()
         self.layers = layers
         self.top = layers[0]
         self.path = self.top.path
@@ -366,15 +369,18 @@ class Disk(_View):
 
 
 def open_image(path: str, writable: bool = False, *, format: str | None = None,
-               l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, zero_detect: bool = True) -> Disk:
+               l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, zero_detect: bool = True,
+               keys: Keys = None) -> Disk:
     """Open ``path`` and its whole backing chain as one guest disk.
 
     Backing files are always opened read-only; ``writable`` opens the top image read/write.
     ``format`` is 'qcow2' or 'raw' (probed when None). ``zero_detect`` turns writes of all-zero
-    buffers into zero clusters (v3). Every problem raises a subclass of
+    buffers into zero clusters (v3). ``keys`` are the passwords of encrypted layers, by depth
+    (``{0: b"top's", 1: b"its backing file's"}``, or a list top first). Every problem raises a subclass of
     :class:`qcowfs.ImageError`; an image another process writes raises LockedError.
     """
-    layers = open_chain(path, fmt=format, writable=writable, l2_cache_bytes=l2_cache_bytes)
+    layers = open_chain(path, fmt=format, writable=writable, l2_cache_bytes=l2_cache_bytes,
+                        keys=keys)
     try:
         lock_chain(layers, write_top=writable)
         return Disk(layers, writable, zero_detect=zero_detect)

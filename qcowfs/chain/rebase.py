@@ -19,7 +19,7 @@ from qcowfs.image.qcow2 import Qcow2Image
 from .blockstatus import ChainStatus
 from .disk import Disk, open_image
 from .locks import lock_chain
-from .resolve import backing_path, open_chain, probe_format
+from .resolve import Keys, backing_path, keys_below, open_chain, probe_format
 
 CHUNK = 2 * 1024 * 1024
 Progress = Callable[[int], None]
@@ -27,15 +27,16 @@ Progress = Callable[[int], None]
 
 def rebase(path: str, new_backing: str, new_format: str | None, *, unsafe: bool = False,
            fmt: str | None = None, progress: Progress | None = None,
-           force_share: bool = False) -> None:
+           force_share: bool = False, keys: Keys = None) -> None:
     """Rebase ``path`` onto ``new_backing`` (relative to ``path``'s folder; "" detaches).
-    ``force_share`` reads the new backing chain even when another process writes it."""
+    ``force_share`` reads the new backing chain even when another process writes it. ``keys``
+    unlock encrypted layers by depth; the new backing chain takes those from depth 1 on."""
     if new_backing and new_format is None:
         if unsafe:
             raise ImageError(path, "backing format must be specified (-F) with -u")
         new_format = probe_format(backing_path(path, new_backing))
     if not unsafe:
-        _copy_differences(path, new_backing, new_format, fmt, progress, force_share)
+        _copy_differences(path, new_backing, new_format, fmt, progress, force_share, keys)
     img = Qcow2Image.open(path, writable=True, open_data_file=False)
     try:
         locking.acquire(img.file.fd, path, locking.LockMode.WRITE)
@@ -45,14 +46,16 @@ def rebase(path: str, new_backing: str, new_format: str | None, *, unsafe: bool 
 
 
 def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: str | None,
-                      progress: Progress | None, force_share: bool) -> None:
-    disk = open_image(path, writable=True, format=fmt)
+                      progress: Progress | None, force_share: bool, keys: Keys = None
+                      ) -> None:
+    disk = open_image(path, writable=True, format=fmt, keys=keys)
     new: Disk | None = None
     try:
         if not isinstance(disk.top, Qcow2Image):
             raise UnsupportedError(path, "only qcow2 images have a backing file")
         if new_backing:
-            new = Disk(open_chain(backing_path(path, new_backing), fmt=new_format), False)
+            new = Disk(open_chain(backing_path(path, new_backing), fmt=new_format,
+                                  keys=keys_below(keys, 1)), False)
             if not force_share:
                 lock_chain(new.layers)
         cs = disk.top.cluster_size

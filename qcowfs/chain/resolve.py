@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 
 from qcowfs.errors import BackingChainError, HostIOError, ImageError, UnsupportedError
 from qcowfs.image.hostfile import HostFile
@@ -13,6 +14,25 @@ MAX_CHAIN_DEPTH = 64
 FORMATS = ("qcow2", "raw")
 
 Layer = Qcow2Image | RawImage
+#: keys of encrypted layers by depth (0 is the top): a mapping, or a sequence top first
+Keys = Mapping[int, bytes] | Sequence[bytes | None] | None
+
+
+def keys_below(keys: Keys, depth: int) -> dict[int, bytes]:
+    """The keys of the chain that starts ``depth`` layers down, renumbered from 0."""
+    if keys is None:
+        return {}
+    if isinstance(keys, Mapping):
+        return {d - depth: k for d, k in keys.items() if d >= depth and k is not None}
+    return {i: k for i, k in enumerate(keys[depth:]) if k is not None}
+
+
+def key_for(keys: Keys, depth: int) -> bytes | None:
+    if keys is None:
+        return None
+    if isinstance(keys, Mapping):
+        return keys.get(depth)
+    return keys[depth] if depth < len(keys) else None
 
 
 def backing_path(image_path: str, name: str) -> str:
@@ -34,14 +54,15 @@ def probe_format(path: str) -> str:
 
 def open_layer(path: str, fmt: str | None = None, *, writable: bool = False,
                l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-               open_data_file: bool = True) -> Layer:
-    """Open one image file as ``fmt`` (probed when None)."""
+               open_data_file: bool = True, key: bytes | None = None) -> Layer:
+    """Open one image file as ``fmt`` (probed when None); ``key`` unlocks an encrypted
+    qcow2."""
     probed = fmt is None
     if probed:
         fmt = probe_format(path)
     if fmt == "qcow2":
         return Qcow2Image.open(path, writable=writable, l2_cache_bytes=l2_cache_bytes,
-                               open_data_file=open_data_file)
+                               open_data_file=open_data_file, key=key)
     if fmt == "raw":
         return RawImage.open(path, writable=writable, probed=probed)
     raise UnsupportedError(path, f"unsupported image format {fmt!r}")
@@ -53,15 +74,17 @@ def _file_identity(path: str) -> tuple[int, int]:
 
 
 def open_chain(path: str, *, fmt: str | None = None, writable: bool = False,
-               backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
-               ) -> list[Layer]:
+               backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+               keys: Keys = None) -> list[Layer]:
     """The image at ``path`` and its backing files, top first. Only the top may be writable;
-    every backing file is opened read-only. Missing files, loops and chains deeper than
+    every backing file is opened read-only. ``keys`` unlock encrypted layers (by depth);
+    an encrypted layer without one opens for its metadata only. Missing files, loops and chains deeper than
     MAX_CHAIN_DEPTH raise BackingChainError."""
     layers: list[Layer] = []
     seen: set[tuple[int, int]] = set()
     try:
-        top = open_layer(path, fmt, writable=writable, l2_cache_bytes=l2_cache_bytes)
+        top = open_layer(path, fmt, writable=writable, l2_cache_bytes=l2_cache_bytes,
+                         key=key_for(keys, 0))
         layers.append(top)
         seen.add(_file_identity(path))
         current = top
@@ -86,7 +109,8 @@ def open_chain(path: str, *, fmt: str | None = None, writable: bool = False,
                 raise BackingChainError(current.path, f"backing file {bpath!r} makes a loop")
             seen.add(ident)
             try:
-                current = open_layer(bpath, bfmt, l2_cache_bytes=l2_cache_bytes)
+                current = open_layer(bpath, bfmt, l2_cache_bytes=l2_cache_bytes,
+                                     key=key_for(keys, len(layers)))
             except HostIOError as exc:
                 raise BackingChainError(current.path, f"cannot open backing file {bpath!r}: "
                                                       f"{exc.reason}") from None

@@ -13,6 +13,7 @@ from qcowfs.image.check import FIX_ALL, FIX_LEAKS, CheckResult, check_image
 from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import add_cache_modes, add_force_share, add_output, add_probed_format, print_json
+from .imageopts import add_image_source
 from .main import CommandError
 
 EXIT_NOT_COMPLETED = 1
@@ -34,6 +35,7 @@ def register(sub) -> None:
     add_cache_modes(p, target=False, source=True)
     add_force_share(p, "check even when another process holds the image (no repair)")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.set_defaults(func=run, error_code=EXIT_NOT_COMPLETED)
 
 
@@ -72,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace, fix: int) -> tuple[CheckResult, CheckResult | None]:
     layer = Qcow2Image.open(args.file, writable=bool(fix), open_data_file=False,
-                            scan_snapshots=True)
+                            scan_snapshots=True, key=args.keys.get("file", {}).get(0))
     try:
+        layer.require_key()  # as qemu-img check: an encrypted image opens only with its key
         if not args.force_share:
             lock_chain([layer], write_top=bool(fix))
         res = check_image(layer, fix)

@@ -7,6 +7,7 @@ import argparse
 from qcowfs.chain.commit import commit
 
 from .common import add_cache_modes, add_rate_limit, warn_rate_limit
+from .imageopts import add_image_source
 from .progress import progress_bar
 
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
     add_cache_modes(p, target=True)
     add_rate_limit(p)
     p.add_argument("file")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
@@ -31,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     warn_rate_limit(args)
     empty = not (args.drop or args.base)
     with progress_bar(args.progress and not args.quiet, None, "commit") as step:
-        commit(args.file, args.base, empty=empty, fmt=args.format, progress=step)
+        commit(args.file, args.base, empty=empty, fmt=args.format, progress=step,
+               keys=args.keys.get("file"))
     if not args.quiet:
         print("Image committed.")
     return 0

@@ -10,6 +10,7 @@ from qcowfs.chain.locks import lock_chain
 from qcowfs.chain.resolve import open_chain
 
 from .common import add_cache_modes, add_force_share
+from .imageopts import add_image_source
 from .progress import progress_bar
 
 EXIT_DIFFERENT = 1
@@ -32,13 +33,16 @@ def register(sub) -> None:
     add_cache_modes(p, target=False, source=True)
     p.add_argument("file_a")
     p.add_argument("file_b")
+    add_image_source(p, "file_a", "file_b")
     p.set_defaults(func=run, error_code=EXIT_ERROR)
 
 
 def run(args: argparse.Namespace) -> int:
-    a = Disk(open_chain(args.file_a, fmt=args.format_a), False)
+    a = Disk(open_chain(args.file_a, fmt=args.format_a,
+                          keys=args.keys.get("file_a")), False)
     try:
-        b = Disk(open_chain(args.file_b, fmt=args.format_b), False)
+        b = Disk(open_chain(args.file_b, fmt=args.format_b,
+                              keys=args.keys.get("file_b")), False)
         try:
             if not args.force_share:
                 lock_chain(a.layers)

@@ -23,6 +23,7 @@ from .common import (
     warn_rate_limit,
 )
 from .create import QCOW2_OPTIONS, print_option_help, qcow_options, wants_help
+from .imageopts import add_image_source
 from .main import CommandError
 from .progress import progress_bar
 
@@ -71,6 +72,7 @@ def register(sub) -> None:
                    help="go on past read errors (not supported yet)")
     p.add_argument("files", nargs="*", metavar="FILE",
                    help="the source image, then the output image")
+    add_image_source(p, "files")
     p.set_defaults(func=run)
 
 
@@ -165,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{args.dest}: Invalid parameter '{key}'")
     if os.path.abspath(args.source) == os.path.abspath(args.dest):
         raise CommandError(f"{args.dest}: the output would overwrite the source")
-    src = Disk(open_chain(args.source, fmt=args.format), False)
+    src = Disk(open_chain(args.source, fmt=args.format,
+                          keys=args.keys.get("files")), False)
     backing = None
     try:
         if not args.force_share:
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         view = src.snapshot(_snapshot_name(args.snapshot)) if args.snapshot else src
         options = None
         if args.out_format == "qcow2":
-            options = qcow_options(opts, args.dest, view.size)
+            options = qcow_options(opts, args.dest, view.size, args.secrets)
             if options.data_file or options.preallocation != "off":
                 raise CommandError(f"{args.dest}: data_file and preallocation are not "
                                    f"supported for convert output")
@@ -184,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
                 options.backing_file, options.backing_format = args.backing, bfmt
                 if not args.force_share:
                     lock_chain(backing.layers)
+            if options.encrypt_format and (args.compress or args.backing):
+                raise CommandError(f"{args.dest}: compression and a backing file are not "
+                                   f"supported with encryption")
             validate(args.dest, options)
         copied = _bitmaps_to_copy(args, src, options) if args.bitmaps else None
         refuse_if_in_use(args.dest)
@@ -191,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         with progress_bar(show, view.size, "convert") as step:
             if options is None:
                 engine.to_raw(view, args.dest, step)
+            elif options.encrypt_format:
+                engine.to_encrypted_qcow2(view, args.dest, options, step)
             else:
                 engine.to_qcow2(view, args.dest, options, compress=args.compress,
                                 backing=backing, progress=step)

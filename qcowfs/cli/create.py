@@ -12,11 +12,18 @@ from qcowfs.image.create import QcowOptions, create_qcow2, create_raw, round_siz
 from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import SizeError, parse_bool, parse_options, parse_size, warn
+from .imageopts import add_image_source
 from .main import CommandError
 
 QCOW2_OPTIONS = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
                  "compression_type", "data_file", "data_file_raw", "preallocation",
-                 "backing_file", "backing_fmt", "size")
+                 "backing_file", "backing_fmt", "size", "encryption", "encrypt.format",
+                 "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+                 "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg",
+                 "encrypt.iter-time")
+_LUKS_OPTIONS = {"encrypt.cipher-alg": "cipher_alg", "encrypt.cipher-mode": "cipher_mode",
+                 "encrypt.ivgen-alg": "ivgen_alg", "encrypt.ivgen-hash-alg": "ivgen_hash_alg",
+                 "encrypt.hash-alg": "hash_alg"}
 RAW_OPTIONS = ("preallocation", "size")
 #: What ``-o help`` lists, in qemu-img's words and order: name, value type, meaning.
 OPTION_HELP = {
@@ -27,6 +34,16 @@ OPTION_HELP = {
     "compression_type": ("str", "Compression method used for image cluster compression"),
     "data_file": ("str", "File name of an external data file"),
     "data_file_raw": ("bool (on/off)", "The external data file must stay valid as a raw image"),
+    "encrypt.cipher-alg": ("str", "Name of encryption cipher algorithm"),
+    "encrypt.cipher-mode": ("str", "Name of encryption cipher mode"),
+    "encrypt.format": ("str", "Encrypt the image, format choices: 'aes', 'luks'"),
+    "encrypt.hash-alg": ("str", "Name of encryption hash algorithm"),
+    "encrypt.iter-time": ("num", "Time to spend in PBKDF in milliseconds"),
+    "encrypt.ivgen-alg": ("str", "Name of IV generator algorithm"),
+    "encrypt.ivgen-hash-alg": ("str", "Name of IV generator hash algorithm"),
+    "encrypt.key-secret": ("str", "ID of secret providing qcow AES key or LUKS passphrase"),
+    "encryption": ("bool (on/off)", "Encrypt the image with format 'aes'. (Deprecated in "
+                                    "favor of encrypt.format=aes)"),
     "extended_l2": ("bool (on/off)", "Extended L2 tables"),
     "lazy_refcounts": ("bool (on/off)", "Postpone refcount updates"),
     "preallocation": ("str", "Preallocation mode (allowed values: off, metadata)"),
@@ -54,6 +71,7 @@ def register(sub) -> None:
                    help="comma-separated options, e.g. cluster_size=64k,compat=1.1")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.add_argument("file", nargs="?")
+    add_image_source(p, image_opts=False)
     p.add_argument("size", nargs="?", help="virtual size, with an optional k/M/G/T/P/E suffix")
     p.set_defaults(func=run)
 
@@ -122,11 +140,13 @@ def run(args: argparse.Namespace) -> int:
         create_raw(args.file, size)
         return 0
 
-    o = qcow_options(opts, args.file, size)
+    o = qcow_options(opts, args.file, size, args.secrets)
     o.backing_file, o.backing_format = backing, backing_fmt
     ctype = opts.get("compression_type", "zlib")
 
-    line = [f"Formatting '{args.file}', fmt=qcow2", f"cluster_size={o.cluster_size}",
+    line = [f"Formatting '{args.file}', fmt=qcow2"]
+    line += [f"{k}={opts[k]}" for k in QCOW2_OPTIONS if k.startswith("encrypt") and k in opts]
+    line += [f"cluster_size={o.cluster_size}",
             f"extended_l2={opts.get('extended_l2', 'off')}"]
     if "preallocation" in opts:
         line.append(f"preallocation={o.preallocation}")
@@ -161,9 +181,12 @@ def _backing_size(image: str, backing: str, fmt: str) -> int:
         layer.close()
 
 
-def qcow_options(opts: dict[str, str], filename: str, size: int) -> QcowOptions:
-    """The qcow2 creation options of ``-o`` (also used by convert)."""
+def qcow_options(opts: dict[str, str], filename: str, size: int,
+                 secrets: dict[str, bytes] | None = None) -> QcowOptions:
+    """The qcow2 creation options of ``-o`` (also used by convert); ``secrets`` are the
+    ``--object secret`` keys that ``encrypt.key-secret`` names."""
     o = QcowOptions(size=size)
+    _encrypt_options(o, opts, filename, secrets or {})
     if "cluster_size" in opts:
         try:
             o.cluster_size = parse_size(opts["cluster_size"])
@@ -194,3 +217,41 @@ def qcow_options(opts: dict[str, str], filename: str, size: int) -> QcowOptions:
     o.preallocation = opts.get("preallocation", "off")
 
     return o
+
+
+def _encrypt_options(o: QcowOptions, opts: dict[str, str], filename: str,
+                     secrets: dict[str, bytes]) -> None:
+    """encrypt.* with QEMU's defaults (luks: aes-256, xts, plain64, sha256, 2000 ms); the
+    legacy ``encryption=on`` means AES, which is made only when asked for by name."""
+    fmt = opts.get("encrypt.format")
+    if parse_bool("encryption", opts.get("encryption", "off")):
+        if fmt not in (None, "aes"):
+            raise CommandError(f"{filename}: encrypt.format and encryption are in conflict")
+        fmt = "aes"
+    if fmt is None:
+        given = [k for k in opts if k.startswith("encrypt.")]
+        if given:
+            raise CommandError(f"{filename}: Parameter 'encrypt.format' is required with "
+                               f"'{given[0]}'")
+        return
+    if fmt not in ("luks", "aes"):
+        raise CommandError(f"{filename}: Invalid parameter value for 'encrypt.format': "
+                           f"'{fmt}'")
+    sid = opts.get("encrypt.key-secret")
+    if not sid:
+        raise CommandError(f"{filename}: Parameter 'encrypt.key-secret' is required for "
+                           f"cipher")
+    if sid not in secrets:
+        raise CommandError(f"{filename}: No secret with id '{sid}'")
+    o.encrypt_format = fmt
+    o.encrypt_key = secrets[sid]
+    if fmt == "luks":
+        o.encrypt_luks = {name: opts[k] for k, name in _LUKS_OPTIONS.items() if k in opts}
+        if "encrypt.iter-time" in opts:
+            try:
+                o.encrypt_luks["iter_time_ms"] = int(opts["encrypt.iter-time"])
+            except ValueError:
+                raise CommandError(f"{filename}: Parameter 'encrypt.iter-time' expects a "
+                                   f"number") from None
+    elif any(k in opts for k in (*_LUKS_OPTIONS, "encrypt.iter-time")):
+        raise CommandError(f"{filename}: legacy AES takes no cipher options")

@@ -15,6 +15,7 @@ from .common import (
     print_json,
     size_to_str,
 )
+from .imageopts import add_image_source
 
 
 def register(sub) -> None:
@@ -26,6 +27,7 @@ def register(sub) -> None:
     add_output(p)
     add_force_share(p, "read even when another process holds the image")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
@@ -48,10 +50,10 @@ def print_human(info: dict) -> None:
     size = info["virtual-size"]
     print(f"virtual size: {size_to_str(size)} ({size} bytes)")
     print(f"disk size: {size_to_str(info['actual-size'])}")
-    if "cluster-size" in info:
-        print(f"cluster_size: {info['cluster-size']}")
     if info.get("encrypted"):
         print("encrypted: yes")
+    if "cluster-size" in info:
+        print(f"cluster_size: {info['cluster-size']}")
     if info.get("dirty-flag"):
         print("cleanly shut down: no")
     if "backing-filename" in info:

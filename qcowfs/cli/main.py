@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
     try:
+        if getattr(args, "image_args", None) is not None:
+            from .imageopts import resolve
+            resolve(args)
         code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code

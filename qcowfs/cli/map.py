@@ -12,6 +12,7 @@ from qcowfs.image.info import full_backing_filename
 from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import SizeError, add_force_share, add_output, add_probed_format, parse_size, warn
+from .imageopts import add_image_source
 from .main import CommandError
 
 
@@ -25,6 +26,7 @@ def register(sub) -> None:
                    help="map from this guest offset (default 0)")
     p.add_argument("--max-length", metavar="LEN", help="map at most this many bytes")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
@@ -40,8 +42,11 @@ def _window_arg(text: str, what: str) -> int:
 def run(args: argparse.Namespace) -> int:
     start = _window_arg(args.start_offset, "start offset")
     length = None if args.max_length is None else _window_arg(args.max_length, "max length")
-    layers = open_chain(args.file, fmt=args.format)
+    layers = open_chain(args.file, fmt=args.format, keys=args.keys.get("file"))
     try:
+        for layer in layers:
+            if isinstance(layer, Qcow2Image):
+                layer.require_key()  # qemu-img map opens an encrypted image only with its key
         if not args.force_share:
             lock_chain(layers)
         names = [args.file]

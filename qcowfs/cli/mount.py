@@ -15,7 +15,8 @@ def register(subparsers) -> None:
         description="Mount IMAGE (and its backing chain) on MOUNTPOINT: MOUNTPOINT/disk is the "
                     "guest disk, MOUNTPOINT/snapshots/<name>/disk each internal snapshot.")
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
-                   help="comma-separated mount options: ro, rw, format=qcow2|raw, allow_other, "
+                   help="comma-separated mount options: ro, rw, format=qcow2|raw, key_file=PATH, "
+                        "allow_other, "
                         "allow_root, uid=, gid=, umask=, l2_cache_size=, zero_detect=on|off, "
                         "direct_io=on|off, fast_loop=on|off, poll_us=, allow_shrink, "
                         "attr_timeout=, fsname= (see docs/mount.md)")

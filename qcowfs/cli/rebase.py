@@ -7,6 +7,7 @@ import argparse
 from qcowfs.chain.rebase import rebase
 
 from .common import add_cache_modes, add_force_share
+from .imageopts import add_image_source
 from .progress import progress_bar
 
 
@@ -28,11 +29,13 @@ def register(sub) -> None:
     add_cache_modes(p, target=True, source=True)
     add_force_share(p, "read the new backing file even when another process holds it")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with progress_bar(args.progress and not args.quiet, None, "rebase") as step:
         rebase(args.file, args.backing, args.backing_format, unsafe=args.unsafe,
-               fmt=args.format, progress=step, force_share=args.force_share)
+               fmt=args.format, progress=step, force_share=args.force_share,
+               keys=args.keys.get("file"))
     return 0

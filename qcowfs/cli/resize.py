@@ -8,6 +8,7 @@ import sys
 from qcowfs.chain.disk import open_image
 
 from .common import SizeError, add_probed_format, parse_relative_size, warn, warn_probed_raw
+from .imageopts import add_image_source
 from .main import CommandError
 
 SIZE_ERROR = ("Parameter 'size' expects a non-negative number below 2^64; optional suffix k, "
@@ -30,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--preallocation", choices=("off", "metadata", "falloc", "full"),
                    default="off", help="how to allocate the new space (only off)")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.add_argument("size", nargs="?", help="new size, or +SIZE / -SIZE")
     p.set_defaults(trailing_size=None)
     p.set_defaults(func=run)
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         sign, amount = parse_relative_size(args.trailing_size, warn)
     except SizeError:
         raise CommandError(SIZE_ERROR) from None
-    disk = open_image(args.file, writable=True, format=args.format)
+    disk = open_image(args.file, writable=True, format=args.format,
+                      keys=args.keys.get("file"))
     warn_probed_raw(disk, args.file)
     try:
         current = disk.size

@@ -7,6 +7,7 @@ import argparse
 from qcowfs.chain.disk import open_image
 
 from .common import add_force_share, warn_probed_raw
+from .imageopts import add_image_source
 from .info import snapshot_header, snapshot_row
 from .main import CommandError
 
@@ -25,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     add_force_share(p, "list even when another process holds the image")
     p.add_argument("file")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         return _list(args)
     if args.force_share:
         raise CommandError("--force-share/-U can only be used with -l")
-    disk = open_image(args.file, writable=True, format=args.format)
+    disk = open_image(args.file, writable=True, format=args.format,
+                      keys=args.keys.get("file"))
     warn_probed_raw(disk, args.file)
     try:
         if args.create is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qcowfs.errors import FormatError, HostIOError, ImageError, UnsupportedError
 from qcowfs.format import header as hdr
@@ -49,6 +49,11 @@ class QcowOptions:
     preallocation: str = "off"  # preallocation: off | metadata
     backing_file: str | None = None
     backing_format: str | None = None
+    encrypt_format: str | None = None  # encrypt.format: luks | aes (encryption=on: aes)
+    #: the password (encrypt.key-secret's data)
+    encrypt_key: bytes | None = None
+    #: encrypt.cipher-alg, cipher-mode, ivgen-alg, ivgen-hash-alg, hash-alg, iter-time
+    encrypt_luks: dict = field(default_factory=dict)
 
 
 def round_size(size: int) -> int:
@@ -97,6 +102,10 @@ def validate(path: str, o: QcowOptions) -> None:
         raise no("Backing file specified without backing format")
     if o.backing_format and len(o.backing_format) > hdr.MAX_BACKING_FORMAT:
         raise no("backing format name too long")
+    if o.encrypt_format not in (None, "luks", "aes"):
+        raise no(f"Invalid parameter value for 'encrypt.format': '{o.encrypt_format}'")
+    if o.encrypt_format and o.encrypt_key is None:
+        raise no("Parameter 'encrypt.key-secret' is required for cipher")
     if o.size < 0:
         raise no("Image size must be positive")
     cluster_bits = cs.bit_length() - 1
@@ -121,6 +130,7 @@ class _Layout:
         self.used: set[int] = set(range(table_clusters + 2))
         self.refblocks: dict[int, int] = {0: table_clusters + 1}  # table index -> cluster
         self.free_index = table_clusters + 2
+        self.crypto_cluster = 0
 
     def _find(self, n: int) -> int:
         start = self.free_index
@@ -165,12 +175,15 @@ class _Layout:
 
 
 def _plan(o: QcowOptions, size: int, l1_size: int, refcount_order: int, table_clusters: int,
-          prealloc: bool) -> tuple[_Layout, int, array, list[tuple[int, array]], int]:
+          prealloc: bool, crypto_bytes: int = 0
+          ) -> tuple[_Layout, int, array, list[tuple[int, array]], int]:
     """Where every cluster goes: (layout, L1 cluster, L1, [(L2 cluster, L2)], end of the
-    last data cluster)."""
+    last data cluster); ``layout.crypto_cluster`` is where a LUKS area of ``crypto_bytes``
+    starts."""
     cs = o.cluster_size
     layout = _Layout(cs, refcount_order, table_clusters)
     l1_cluster = layout.alloc(-(-l1_size * 8 // cs)) if l1_size else 0
+    layout.crypto_cluster = layout.alloc(-(-crypto_bytes // cs)) if crypto_bytes else 0
     l1 = array("Q", bytes(8 * l1_size))
     l2_tables: list[tuple[int, array]] = []
     last_data_end = 0
@@ -206,11 +219,18 @@ def create_qcow2(path: str, o: QcowOptions) -> None:
     refcount_order = o.refcount_bits.bit_length() - 1
     prealloc = o.preallocation == "metadata" or o.data_file_raw
     l1_size = hdr.l1_entries_needed(size, cluster_bits, o.extended_l2)
+    luks_area = b""
+    if o.encrypt_format == "luks":
+        from qcowfs.image.crypto import new_luks_area
+        try:
+            luks_area = new_luks_area(o.encrypt_key, **o.encrypt_luks)
+        except ImageError as exc:
+            raise CreateError(path, exc.reason) from None
     table_clusters = 1
     while True:
         try:
             layout, l1_cluster, l1, l2_tables, last_data_end = _plan(
-                o, size, l1_size, refcount_order, table_clusters, prealloc)
+                o, size, l1_size, refcount_order, table_clusters, prealloc, len(luks_area))
             break
         except _TableFull:
             # QEMU grows the refcount table as it goes; a table big enough from the start
@@ -222,6 +242,11 @@ def create_qcow2(path: str, o: QcowOptions) -> None:
                    refcount_order=refcount_order, compression_type=o.compression_type,
                    backing_file=o.backing_file, backing_format=o.backing_format,
                    data_file=o.data_file)
+    if o.encrypt_format == "aes":
+        h.crypt_method = hdr.CRYPT_AES
+    elif luks_area:
+        h.crypt_method = hdr.CRYPT_LUKS
+        h.crypto = hdr.CryptoExtension(layout.crypto_cluster * cs, len(luks_area))
     if o.version >= 3:
         if o.lazy_refcounts:
             h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
@@ -261,6 +286,8 @@ def create_qcow2(path: str, o: QcowOptions) -> None:
             f.write(l1_cluster * cs, l1_bytes)
         for cluster, table in l2_tables:
             f.write(cluster * cs, encode_u64_table(table))
+        if luks_area:
+            f.write(layout.crypto_cluster * cs, luks_area)
         if last_data_end > f.size:
             # The file ends with the (sub)cluster holding the last guest byte; QEMU zeroes
             # the rest of that (sub)cluster past the guest's end.

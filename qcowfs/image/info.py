@@ -75,9 +75,9 @@ def image_info(layer: Qcow2Image | RawImage, name: str) -> dict:
         "format": "qcow2",
         "actual-size": allocated_bytes(layer.file.fd, layer.path),
     })
+    info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(layer)}
     if h.crypt_method:
         info["encrypted"] = True
-    info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(layer)}
     if h.backing_file:
         info["full-backing-filename"] = full_backing_filename(name, h.backing_file)
         info["backing-filename"] = h.backing_file
@@ -92,6 +92,7 @@ def _qcow2_specific(image: Qcow2Image) -> dict:
                   "compression-type": COMPRESSION_NAMES[h.compression_type]}
     if h.version == 2:
         data["refcount-bits"] = h.refcount_bits
+        _add_encrypt(image, data)
         return data
     data["lazy-refcounts"] = h.lazy_refcounts
     bitmaps = read_bitmaps(image)
@@ -99,12 +100,24 @@ def _qcow2_specific(image: Qcow2Image) -> dict:
         data["bitmaps"] = [{"flags": _bitmap_flags(b), "name": b.name,
                             "granularity": 1 << b.granularity_bits} for b in bitmaps]
     data["refcount-bits"] = h.refcount_bits
+    _add_encrypt(image, data)
     if h.has_data_file or h.data_file:
         data["data-file"] = h.data_file or ""
         data["data-file-raw"] = h.data_file_raw
     data["corrupt"] = h.corrupt
     data["extended-l2"] = h.extended_l2
     return data
+
+
+def _add_encrypt(image: Qcow2Image, data: dict) -> None:
+    """qemu-img's ``encrypt`` block: the LUKS header's fields (no key needed), or just the
+    format for legacy AES."""
+    if image.header.crypt_method == hdr.CRYPT_LUKS and image.luks is not None:
+        from qcowfs.format.luks import info_dict
+        data["encrypt"] = info_dict(image.luks)
+    elif image.header.crypt_method:
+        data["encrypt"] = {"format": "aes" if image.header.crypt_method == hdr.CRYPT_AES
+                           else "luks"}
 
 
 def _bitmap_flags(b: BitmapEntry) -> list[str]:

@@ -18,7 +18,7 @@ from qcowfs.errors import (
     FormatError,
     HostIOError,
     ImageError,
-    UnsupportedError,
+    KeyRequiredError,
 )
 from qcowfs.format import header as hdr
 from qcowfs.format.compression import decompress_cluster
@@ -294,7 +294,7 @@ class Mapping:
                 cmask = img.cluster_size - 1
                 if host and not entry & _NOT_PLAIN_DATA and not host & cmask \
                         and host != l2_off:
-                    img.read_data(buf, host + (offset & cmask))
+                    img.read_data(buf, host + (offset & cmask), offset)
                     return
         self._readinto_extents(buf, offset, self.extents(offset, n), fill)
 
@@ -306,12 +306,15 @@ class Mapping:
             part = buf[start:start + e.length]
             kind = e.kind
             if kind == NORMAL:
-                img.read_data(part, e.host)
+                img.read_data(part, e.host, e.offset)
             elif kind == UNALLOCATED:
                 fill(part, e.offset)
             elif kind == ZERO:
                 zero_fill(part)
             else:
+                if img.encrypted:
+                    raise FormatError(img.path, f"compressed cluster at guest offset {e.offset} "
+                                                f"in an encrypted image")
                 data = img.compressed_cluster(e.entry)
                 within = e.offset & (img.cluster_size - 1)
                 part[:] = data[within:within + e.length]
@@ -319,7 +322,7 @@ class Mapping:
     def read(self, offset: int, length: int, fill: FillFn = zero_fill) -> bytes:
         length = max(0, min(length, self.size - offset))
         extents = self.extents(offset, length)
-        if len(extents) == 1 and extents[0].kind == NORMAL:
+        if len(extents) == 1 and extents[0].kind == NORMAL and self.image.crypto is None:
             # One run of host data: the bytes os.pread returns are the answer, no copy.
             data = self.image.read_data_bytes(extents[0].host, length)
             if data is not None:
@@ -357,6 +360,11 @@ class Qcow2Image:
         self.snapshot_scan: SnapshotScan | None = None
         self.active: Mapping = Mapping(self, array("Q"), header.size, "active")
         self.writable = file.writable
+        self.encrypted = header.crypt_method != hdr.CRYPT_NONE
+        #: the data cipher; None for a plain image, or an encrypted one opened without a key
+        self.crypto = None  # qcowfs.image.crypto.ImageCrypto once unlocked
+        #: the LUKS header of a LUKS image (parsed at open; no key needed)
+        self.luks = None
 
     # --- opening --------------------------------------------------------------------------
 
@@ -364,18 +372,22 @@ class Qcow2Image:
     def open(cls, path: str, *, writable: bool = False,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              data_file_path: str | None = None, open_data_file: bool = True,
-             scan_snapshots: bool = False) -> Qcow2Image:
+             scan_snapshots: bool = False, key: bytes | None = None) -> Qcow2Image:
         """Open ``path``. ``open_data_file=False`` leaves an external data file closed (for
         commands that only look at metadata, as qemu-img info does). ``scan_snapshots=True``
         (for check) reads a snapshot table the repair can fix -- more than 65536 entries,
         extra data over 1024 bytes, over 64 MiB -- keeping what QEMU's repair keeps and
-        recording the rest in ``snapshot_scan``."""
+        recording the rest in ``snapshot_scan``. ``key`` is the password of an encrypted
+        image; without it the image opens for its metadata only (reads of its data raise
+        :class:`KeyRequiredError`), as qemu-img info opens one."""
         file = HostFile(path, writable)
         try:
             header = read_header(file)
             image = cls(path, file, header, l2_cache_bytes=l2_cache_bytes)
             image.snapshot_scan = SnapshotScan([], 0) if scan_snapshots else None
             image._validate_and_load(data_file_path, open_data_file)
+            if image.encrypted:
+                image._load_crypto(key)
             return image
         except BaseException:
             file.close()
@@ -386,9 +398,6 @@ class Qcow2Image:
         h = self.header
         path = self.path
         cs = self.cluster_size
-        if h.crypt_method != hdr.CRYPT_NONE:
-            kind = "AES" if h.crypt_method == hdr.CRYPT_AES else "LUKS"
-            raise UnsupportedError(path, f"encrypted images ({kind}) are not supported yet")
         if h.refcount_table_clusters == 0:
             raise FormatError(path, "image does not contain a reference count table")
         if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
@@ -413,6 +422,37 @@ class Qcow2Image:
         l1 = self.read_l1(h.l1_table_offset, h.l1_size, "active L1 table")
         self.active = Mapping(self, l1, h.size, "active")
         self._load_snapshot_table()
+
+    def _load_crypto(self, key: bytes | None) -> None:
+        """Parse the LUKS header (no key needed) and, given ``key``, unlock the data cipher.
+        The crypto module (cryptography, numpy) loads only here."""
+        from qcowfs.image import crypto
+
+        h = self.header
+        try:
+            if h.crypt_method == hdr.CRYPT_LUKS:
+                ext = h.crypto
+                if ext is None:
+                    raise FormatError(None, "LUKS image without an encryption header extension")
+                if ext.offset % self.cluster_size or not ext.offset \
+                        or ext.offset + ext.length > self.file.size:
+                    raise FormatError(None, "encryption header lies at an invalid offset")
+
+                def read(pos: int, n: int) -> bytes:
+                    return self.file.read_exact(ext.offset + pos, n, "LUKS header")
+
+                self.luks = crypto.read_luks_header(read, ext.length)
+                if key is not None:
+                    self.crypto = crypto.unlock_luks(read, ext.length, key)
+            elif key is not None:
+                self.crypto = crypto.legacy_aes(key)
+        except ImageError as exc:
+            raise type(exc)(self.path, exc.reason, errno=exc.errno) from None
+
+    def require_key(self) -> None:
+        if self.encrypted and self.crypto is None:
+            raise KeyRequiredError(self.path, "the image is encrypted: give its key "
+                                              "(encrypt.key-secret)")
 
     def _open_data_file(self, override: str | None) -> None:
         name = override or self.header.data_file
@@ -511,6 +551,8 @@ class Qcow2Image:
     def read_data_bytes(self, host: int, length: int) -> bytes | None:
         """``length`` bytes of guest data at ``host``, or None when they run past the end of
         the data file (then :meth:`read_data` decides)."""
+        if self.encrypted:
+            return None
         f = self.data_file
         if f is self.file:
             clash = self.metadata_overlap(host, length)
@@ -520,8 +562,30 @@ class Qcow2Image:
         data = f.read(host, length)
         return data if len(data) == length else None
 
-    def read_data(self, buf: memoryview, host: int) -> None:
-        """Read guest data stored at ``host`` in the data file; zeros past its end."""
+    def read_data(self, buf: memoryview, host: int, guest: int) -> None:
+        """Read guest data stored at ``host`` (guest offset ``guest``) in the data file;
+        zeros past its end. Encrypted data is read in whole sectors and decrypted."""
+        if self.encrypted:
+            self._read_encrypted(buf, host, guest)
+            return
+        self._read_plain(buf, host)
+
+    def _read_encrypted(self, buf: memoryview, host: int, guest: int) -> None:
+        crypto = self.crypto
+        if crypto is None:
+            self.require_key()
+        head = host & 511
+        n = len(buf)
+        span = (head + n + 511) & ~511
+        if not head and span == n:
+            self._read_plain(buf, host)
+            buf[:] = crypto.decrypt(buf, host, guest)
+            return
+        raw = memoryview(bytearray(span))
+        self._read_plain(raw, host - head)
+        buf[:] = crypto.decrypt(raw, host - head, guest - head)[head:head + n]
+
+    def _read_plain(self, buf: memoryview, host: int) -> None:
         f = self.data_file
         if f is self.file:
             clash = self.metadata_overlap(host, len(buf))

@@ -28,7 +28,6 @@ from qcowfs.errors import (
     FormatError,
     ImageError,
     ReadOnlyError,
-    UnsupportedError,
 )
 from qcowfs.format import header as hdr
 from qcowfs.format.bitmaps import mark_in_use
@@ -82,9 +81,10 @@ class Qcow2Writer:
         if h.corrupt:
             raise FormatError(image.path, "image is marked corrupt and cannot be opened "
                                           "read/write (repair it with 'qemu-img check -r all')")
-        if h.crypt_method:
-            raise UnsupportedError(image.path, "writing encrypted images is not supported")
+        image.require_key()
         self.img = image
+        #: the data cipher of an encrypted image: writes go out in whole encrypted sectors
+        self.crypto = image.crypto
         self.path = image.path
         self.file = image.file
         self.data_file = image.data_file
@@ -455,12 +455,32 @@ class Qcow2Writer:
 
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
+        if self.crypto is not None and (offset | len(view)) & 511:
+            offset, view = self._whole_sectors(offset, view)
         if self.bitmaps is not None:
             self.mark_bitmaps(offset, len(view))
         zero = self.zero_detect and not self.raw_data_file and is_zero(view)
         if not zero and self._write_in_place(offset, view):
             return
         self._write(offset, view, zero)
+
+    def _whole_sectors(self, offset: int, view: memoryview) -> tuple[int, memoryview]:
+        """An encrypted image is written in whole 512-byte sectors (QEMU's request alignment):
+        the partial sectors at either end are completed from what the guest reads there."""
+        n = len(view)
+        size = self.img.active.size
+        if offset < 0 or offset + n > size or not n:
+            return offset, view  # the general path reports it
+        start = offset & ~511
+        end = min((offset + n + 511) & ~511, size)
+        buf = memoryview(bytearray(end - start))
+        if start < offset:
+            self.img.active.readinto(buf[:512], start, self.fill)
+        if end > offset + n and end - 512 >= start:
+            tail = max(end - 512, start)
+            self.img.active.readinto(buf[tail - start:], tail, self.fill)
+        buf[offset - start:offset - start + n] = view
+        return start, buf
 
     def _write_in_place(self, offset: int, view: memoryview) -> bool:
         """The common case in one step: the range lies in clusters of one L2 table that the
@@ -495,7 +515,10 @@ class Qcow2Writer:
             # Same flags, next host cluster: anything else goes the general way.
             if table[i] != expect or (expect & L2E_OFFSET_MASK) >> cb in meta:
                 return False
-        self.file.write(host + (offset & (self.cs - 1)), view)
+        at = host + (offset & (self.cs - 1))
+        if self.crypto is not None:
+            view = memoryview(self.crypto.encrypt(view, at, offset))
+        self.file.write(at, view)
         self._image_unsynced = True
         return True
 
@@ -678,6 +701,7 @@ class Qcow2Writer:
         the host ranges continue each other (one ``pwritev`` per host run)."""
         img = self.img
         target = self.data_file if self.has_data_file else self.file
+        crypto = self.crypto
         # A piece is a memoryview (head or tail) or a (start, end) slice of ``data``.
         pieces: list = []
         run_start = run_end = -1
@@ -719,9 +743,14 @@ class Qcow2Writer:
                 if b < hi:
                     tail = memoryview(bytearray(hi - b))
                     img.active.readinto(tail, cstart + b, self.fill)
+            s, e = cstart + a - pos, cstart + b - pos
+            if crypto is not None:
+                plain = b"".join((head or b"", data[s:e], tail or b""))
+                pieces.append(memoryview(crypto.encrypt(plain, h, cstart + lo)))
+                run_end = h + (hi - lo)
+                continue
             if head is not None:
                 pieces.append(head)
-            s, e = cstart + a - pos, cstart + b - pos
             if pieces and isinstance(pieces[-1], tuple) and pieces[-1][1] == s:
                 pieces[-1] = (pieces[-1][0], e)
             else:

@@ -32,7 +32,7 @@ import pyfuse3
 import trio
 
 from qcowfs.chain.disk import open_image
-from qcowfs.errors import ImageError
+from qcowfs.errors import ImageError, KeyRequiredError
 from qcowfs.format.probe import PROBE_SIZE, announced_format
 
 from . import requestloop
@@ -189,12 +189,50 @@ def check_format(image: str, opts: MountOptions, shown: str) -> None:
 
 
 def open_disk(image: str, opts: MountOptions):
-    """Open the image and its whole chain as the mount will serve it (locks taken here)."""
+    """Open the image and its whole chain as the mount will serve it (locks taken here).
+
+    An encrypted layer takes its key from ``-o key_file=`` (the file's bytes, as QEMU reads a
+    secret ``file=``) or, with a terminal on stdin, from a prompt without echo; either key
+    opens every encrypted layer of the chain. This runs before the daemon detaches."""
     kwargs = {}
     if opts.l2_cache_bytes is not None:
         kwargs["l2_cache_bytes"] = opts.l2_cache_bytes
-    return open_image(image, writable=not opts.read_only, format=opts.format,
-                      zero_detect=opts.zero_detect, **kwargs)
+    key = _read_key_file(opts.key_file) if opts.key_file else None
+
+    def attempt(key: bytes | None):
+        keys = _SameKey(key) if key is not None else None
+        return open_image(image, writable=not opts.read_only, format=opts.format,
+                          zero_detect=opts.zero_detect, keys=keys, **kwargs)
+
+    try:
+        return attempt(key)
+    except KeyRequiredError as exc:
+        if key is not None or not sys.stdin.isatty():
+            raise MountError(exc.path or image, "the image is encrypted: give its key with "
+                                                "-o key_file=PATH") from None
+    import getpass
+    typed = getpass.getpass(f"Password for {image}: ").encode()
+    return attempt(typed.split(b"\0", 1)[0])
+
+
+class _SameKey(dict):
+    """One key for every depth of the chain."""
+
+    def __init__(self, key: bytes):
+        super().__init__()
+        self.key = key
+
+    def get(self, depth, default=None):
+        return self.key
+
+
+def _read_key_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError as exc:
+        raise MountError(path, f"cannot read key file: {exc.strerror}") from None
+    return raw.split(b"\0", 1)[0]
 
 
 # --- the daemon -------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ class MountOptions:
     nonempty: bool = False  # mount over a folder that holds files (hiding them)
     attr_timeout: float = 1.0
     fsname: str | None = None
+    #: a file whose bytes are the key of the chain's encrypted layers (QEMU's secret file=)
+    key_file: str | None = None
     kernel_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self, image: str) -> set[str]:
@@ -172,6 +174,8 @@ def _apply(opts: MountOptions, item: str) -> None:
             raise OptionError(f"option {name}: {value!r} is not a number") from None
     elif name == "fsname":
         opts.fsname = value
+    elif name == "key_file":
+        opts.key_file = value
     elif name == "format":
         if value not in ("qcow2", "raw"):
             raise OptionError(f"option format: {value!r} is not qcow2 or raw")

@@ -1,0 +1,118 @@
+"""Mounting encrypted images: ``-o key_file=``, the no-echo prompt, and refusing without a
+key; what the mount wrote is judged by QEMU with the same key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mounttools import env, force_unmount, is_mounted, mounted, needs_fuse, qcowfs, wait_until
+
+from tests import qemutools as q
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+KEY = "mount key"
+MiB = 1 << 20
+
+
+@pytest.fixture
+def luks(tmp_path: Path) -> Path:
+    img = q.create_encrypted(tmp_path / "luks.qcow2", 8 * MiB, KEY, cluster_size=65536)
+    q.qemu_io_encrypted(img, [KEY], "write -P 0x4d 0 2M")
+    return img
+
+
+def test_mount_with_key_file_reads_and_writes(luks: Path, tmp_path: Path):
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(KEY.encode())
+    want = bytearray(q.to_raw_encrypted(luks, tmp_path / "want.raw", [KEY]))
+    with mounted(luks, tmp_path / "mnt", f"key_file={keyfile}") as mp:
+        disk = mp / "disk"
+        assert disk.read_bytes() == bytes(want)
+        with open(disk, "r+b") as f:
+            f.seek(1 * MiB + 100)
+            f.write(b"\x99" * 70000)
+            f.seek(6 * MiB)
+            f.write(b"\x17" * 4096)
+        want[MiB + 100:MiB + 70100] = b"\x99" * 70000
+        want[6 * MiB:6 * MiB + 4096] = b"\x17" * 4096
+        with open("/proc/mounts") as f:
+            assert KEY not in f.read()
+    assert q.to_raw_encrypted(luks, tmp_path / "got.raw", [KEY]) == bytes(want)
+    assert q.check_encrypted(luks, [KEY])[0] == 0
+
+
+def test_mount_without_a_key_and_no_terminal_names_key_file(luks: Path, tmp_path: Path):
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    p = subprocess.run([sys.executable, "-m", "qcowfs", "mount", str(luks), str(mp)],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env(),
+                       timeout=60)
+    try:
+        assert p.returncode == 1
+        assert "key_file" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        assert not is_mounted(mp)
+    finally:
+        force_unmount(mp)
+
+
+def test_mount_with_a_wrong_key_file_is_one_line(luks: Path, tmp_path: Path):
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(b"nope")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    p = qcowfs("mount", "-o", f"key_file={keyfile}", luks, mp)
+    try:
+        assert p.returncode == 1
+        assert p.stderr.strip().endswith("invalid password") and p.stderr.count("\n") == 1
+    finally:
+        force_unmount(mp)
+
+
+def _controlling_terminal() -> None:
+    """In the child: a new session whose controlling terminal is the pty on stdin (where
+    getpass prompts, as it would for a user at a terminal)."""
+    import fcntl
+    import termios
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_mount_prompts_without_echo_on_a_terminal(luks: Path, tmp_path: Path):
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfs", "mount", str(luks), str(mp)],
+                            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env(), preexec_fn=_controlling_terminal)
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"Password" not in seen and time.monotonic() < deadline:
+            seen += os.read(master, 1024)
+        assert b"Password for" in seen
+        os.write(master, KEY.encode() + b"\n")
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        wait_until(lambda: is_mounted(mp), what="the mount")
+        assert (mp / "disk").read_bytes()[:2 * MiB] == b"\x4d" * (2 * MiB)
+        echoed = b""
+        os.set_blocking(master, False)
+        try:
+            echoed = os.read(master, 4096)
+        except (BlockingIOError, OSError):
+            pass
+        assert KEY.encode() not in echoed
+    finally:
+        if is_mounted(mp):
+            qcowfs("umount", mp)
+        force_unmount(mp)
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
