@@ -11,6 +11,7 @@ the limit, so a loaded machine does not report noise."""
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -21,20 +22,21 @@ import time
 from pathlib import Path
 
 from fuzz.mutate import Mutator, apply, parse
-from fuzz.runner import Find, mount_case, run_case
+from fuzz.repair import judge_case
+from fuzz.runner import Find, alone, mount_case, run_case
 from fuzz.seeds import SEEDS, TOP, build_seed
 
 
 def confirmed(case: Path, find: Find, limit: float) -> bool:
     if find.kind != "hang" or find.step.startswith("mount"):
         return True
-    steps = [find.step] if find.step != "check-after" else ["check-r-all", "check-after"]
+    steps = alone(find.step)
     again = run_case(case, steps, limit * 3)
     return any(f.kind == "hang" for f in again.finds)
 
 
 def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every: int,
-             limit: float, log=print, count: int | None = None) -> dict:
+             limit: float, log=print, count: int | None = None, judge_every: int = 1) -> dict:
     """Run for ``seconds`` (or ``count`` mutants: the same ones for the same seed); returns
     the summary (mutants, rate, finds, and the finds themselves under "rows")."""
     rng = random.Random(seed)
@@ -45,7 +47,9 @@ def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every
     work = Path(tempfile.mkdtemp(prefix="case-", dir=out))
     seen: dict[tuple, int] = {}
     finds: list[dict] = []
-    n = mounts = 0
+    n = mounts = judged = 0
+    step_time: collections.Counter = collections.Counter()
+    step_runs: collections.Counter = collections.Counter()
     start = time.monotonic()
     last_report = start
     try:
@@ -58,10 +62,25 @@ def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every
             shutil.copytree(seeds[kind], case)
             (case / TOP).write_bytes(apply(lay.data, patches))
             result = run_case(case, limit=limit)
+            for step, secs in result.seconds.items():
+                step_time[step] += secs
+                step_runs[step] += 1
+            if judge_every and n % judge_every == 0 and not result.finds \
+                    and result.codes.get("check-r-all") in (0, 2, 3):
+                judged += 1
+                t0 = time.monotonic()
+                worse = judge_case(case)
+                step_time["repair-judge"] += time.monotonic() - t0
+                step_runs["repair-judge"] += 1
+                if worse:
+                    result.finds.append(Find("check-r-all", "repair", worse))
             new = [f for f in result.finds if f.key() not in seen]
             if mount_every and n % mount_every == 0 and not result.finds:
                 mounts += 1
+                t0 = time.monotonic()
                 new += [f for f in mount_case(case, limit) if f.key() not in seen]
+                step_time["mount"] += time.monotonic() - t0
+                step_runs["mount"] += 1
             n += 1
             for f in new:
                 if not confirmed(case, f, limit):
@@ -89,9 +108,17 @@ def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - start
     summary = {"mutants": n, "seconds": round(elapsed, 1), "per_second": round(n / elapsed, 2),
-               "mounts": mounts, "finds": len(finds), "seed": seed, "rows": finds}
+               "mounts": mounts, "repairs_judged": judged, "finds": len(finds), "seed": seed,
+               "per_step": {k: {"runs": step_runs[k], "seconds": round(step_time[k], 1),
+                                "per_second": round(step_runs[k] / step_time[k], 1)
+                                if step_time[k] else None} for k in step_runs},
+               "rows": finds}
     log(f"fuzz: {n} mutants in {elapsed:.0f} s ({n / elapsed:.1f}/s), {mounts} mounts, "
         f"{len(finds)} finds (seed {seed}; details in {out}/finds.jsonl)")
+    log("per step (runs, s, runs/s): " + ", ".join(
+        f"{k} {v['runs']} {v['seconds']} {v['per_second']}"
+        for k, v in summary["per_step"].items()))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

@@ -33,31 +33,87 @@ MEMORY_BUDGET = int(os.environ.get("FUZZ_MEMORY_MIB", "512")) * MiB
 OUTPUT_LIMIT = 256 * MiB
 READ_SPAN = 4 * MiB
 
-# Exit codes each command documents (docs/cli.md).
-STEPS = {
-    "info": ({0, 1}, ["info", "--output", "json", TOP]),
-    "info-chain": ({0, 1}, ["info", "--backing-chain", TOP]),
-    "map": ({0, 1}, ["map", "--output", "json", TOP]),
-    "check": ({0, 1, 2, 3, 63}, ["check", "--output", "json", TOP]),
-    "convert": ({0, 1}, ["convert", "-O", "raw", TOP, "out.raw"]),
-    "check-r-all": ({0, 1, 2, 3, 63}, ["check", "-r", "all", "repaired.qcow2"]),
-    "check-after": ({0, 1, 2, 3, 63}, ["check", "repaired.qcow2"]),
-    "snapshot-list": ({0, 1}, ["snapshot", "-l", TOP]),
+OTHER, OVERLAY = "other.qcow2", "overlay.qcow2"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command run on a mutant: the exit codes docs/cli.md documents for it, its argv, and
+    the folder it runs in. A step with ``folder`` runs in ``case/folder``, a copy of the
+    case's files made by the first step that names it (``fresh``), so writing steps never
+    change the mutant the other steps see; steps sharing a folder run one after another on
+    the same copy (create, apply, delete a snapshot)."""
+    codes: frozenset[int]
+    argv: tuple[str, ...]
+    folder: str | None = None
+    fresh: bool = False
+    factor: float = 1.0  # of the per-step time limit
+
+
+def _step(codes, *argv, folder=None, fresh=False, factor=1.0) -> Step:
+    return Step(frozenset(codes), argv, folder, fresh, factor)
+
+
+OK, CHECK = {0, 1}, {0, 1, 2, 3, 63}
+STEPS: dict[str, Step] = {
+    "info": _step(OK, "info", "--output", "json", TOP),
+    "info-chain": _step(OK, "info", "--backing-chain", TOP),
+    "map": _step(OK, "map", "--output", "json", TOP),
+    "check": _step(CHECK, "check", "--output", "json", TOP),
+    "convert": _step(OK, "convert", "-O", "raw", TOP, "out.raw"),
+    "compare": _step({0, 1, 2}, "compare", TOP, TOP),
+    "snapshot-list": _step(OK, "snapshot", "-l", TOP),
+    "check-r-all": _step(CHECK, "check", "-r", "all", TOP, folder="repair", fresh=True),
+    "check-after": _step(CHECK, "check", TOP, folder="repair"),
+    "commit": _step(OK, "commit", "-q", TOP, folder="commit", fresh=True),
+    "commit-into": _step(OK, "commit", "-q", OVERLAY, folder="commit-into", fresh=True),
+    "rebase": _step(OK, "rebase", "-q", "-b", OTHER, "-F", "qcow2", TOP, folder="rebase",
+                    fresh=True),
+    "rebase-over": _step(OK, "rebase", "-q", "-b", OTHER, "-F", "qcow2", OVERLAY,
+                         folder="rebase-over", fresh=True),
+    "rebase-u": _step(OK, "rebase", "-q", "-u", "-b", OTHER, "-F", "qcow2", TOP,
+                      folder="rebase-u", fresh=True),
+    "resize-grow": _step(OK, "resize", "-q", TOP, "+64M", folder="grow", fresh=True),
+    "resize-shrink": _step(OK, "resize", "-q", "--shrink", TOP, "512K", folder="shrink",
+                           fresh=True),
+    "snapshot-create": _step(OK, "snapshot", "-q", "-c", "fz", TOP, folder="snap", fresh=True),
+    "snapshot-apply": _step(OK, "snapshot", "-q", "-a", "1", TOP, folder="snap"),
+    "snapshot-delete": _step(OK, "snapshot", "-q", "-d", "1", TOP, folder="snap"),
+    "amend-lazy-on": _step(OK, "amend", "-q", "-o", "lazy_refcounts=on", TOP, folder="amend",
+                           fresh=True),
+    "amend-lazy-off": _step(OK, "amend", "-q", "-o", "lazy_refcounts=off", TOP,
+                            folder="amend"),
+    "amend-size": _step(OK, "amend", "-q", "-o", "size=200M", TOP, folder="amend-size",
+                        fresh=True),
 }
-ORDER = ["read", "info", "info-chain", "map", "check", "convert", "snapshot-list", "write",
-         "check-r-all", "check-after"]
+LIBRARY_STEPS = ("read", "write")
+ORDER = ["read", "info", "info-chain", "map", "check", "convert", "compare", "snapshot-list",
+         "write", "check-r-all", "check-after", "commit", "commit-into", "rebase",
+         "rebase-over", "rebase-u", "resize-grow", "resize-shrink", "snapshot-create",
+         "snapshot-apply", "snapshot-delete", "amend-lazy-on", "amend-lazy-off", "amend-size"]
+#: Steps that must come first in a run of one step alone (a hang's confirmation).
+NEEDS = {"check-after": ["check-r-all"], "snapshot-apply": ["snapshot-create"],
+         "snapshot-delete": ["snapshot-create", "snapshot-apply"],
+         "amend-lazy-off": ["amend-lazy-on"]}
+
+
+def alone(step: str) -> list[str]:
+    """``step`` with the steps whose copy it works on."""
+    return [*NEEDS.get(step, []), step]
 
 
 @dataclass
 class Find:
     step: str
-    kind: str  # hang, traceback, signal, exit-code, memory, mount
+    kind: str  # hang, traceback, signal, exit-code, memory, mount, repair
     detail: str = ""
 
     def key(self) -> tuple[str, str, str]:
         """Two finds with the same key are taken as the same bug: the step, the kind and the
         innermost qcowfs function (file and name, no line number) that is not a lookup helper,
         so one hot loop is one find whichever line the limit caught it on."""
+        if self.kind == "repair":
+            return (self.step, self.kind, self.detail.split(":")[0])
         frames = re.findall(r'File "[^"]*/(qcowfs/[^"]+)", line \d+,? in (\w+)', self.detail)
         if not frames:
             return (self.step, self.kind, self.detail[-120:])
@@ -127,12 +183,36 @@ def library_write(path: str) -> None:
         disk.flush()
 
 
+SCRATCH = ("stdout", "hang.txt", "out.raw", "written.qcow2")
+
+
+def _inputs() -> list[str]:
+    """The case's own files (the mutant and what it names): what a step's copy holds."""
+    return [n for n in os.listdir(".") if os.path.isfile(n) and n not in SCRATCH
+            and not n.endswith(".out")]
+
+
+def _copy_into(folder: str, names: list[str]) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.mkdir(folder)
+    for name in names:
+        shutil.copyfile(name, os.path.join(folder, name))
+
+
+def _redirect(name: str) -> None:
+    """fds 1 and 2 (and sys.stdout/stderr) to ``name``: each step's output on its own."""
+    sys.stdout.flush()
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+
+
 def _child(case: Path, steps: list[str], limit: float, wfd: int) -> None:
     """In the forked child: run the steps, report on ``wfd``, never return."""
     os.chdir(case)
-    out = os.open("stdout", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+    names = _inputs()
+    _redirect("stdout")
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True)
     sys.stderr = sys.stdout
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -148,10 +228,17 @@ def _child(case: Path, steps: list[str], limit: float, wfd: int) -> None:
         os.write(wfd, (text.replace("\n", "\\n") + "\n").encode())
 
     for step in steps:
+        spec = STEPS.get(step)
+        if spec and spec.fresh:
+            _copy_into(spec.folder, names)
+        _redirect(f"{step}.out")
+        if spec and spec.folder:
+            os.chdir(spec.folder)
         say(f"S {step}")
-        faulthandler.dump_traceback_later(limit, exit=True, file=tb)
+        faulthandler.dump_traceback_later(limit * (spec.factor if spec else 1), exit=True,
+                                          file=tb)
         try:
-            if step in ("read", "write"):
+            if step in LIBRARY_STEPS:
                 try:
                     if step == "read":
                         library_reads(TOP, random.Random(1))
@@ -161,10 +248,8 @@ def _child(case: Path, steps: list[str], limit: float, wfd: int) -> None:
                 except ImageError:
                     code = 1
             else:
-                if step == "check-r-all":
-                    shutil.copyfile(TOP, "repaired.qcow2")
                 try:
-                    code = main(STEPS[step][1])
+                    code = main(list(spec.argv))
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
                 if step == "convert":
@@ -178,6 +263,9 @@ def _child(case: Path, steps: list[str], limit: float, wfd: int) -> None:
             faulthandler.cancel_dump_traceback_later()
             say(f"X {step} {traceback.format_exc()}")
             continue
+        finally:
+            sys.stdout.flush()
+            os.chdir(case)
         faulthandler.cancel_dump_traceback_later()
         say(f"E {step} {code}")
     os._exit(0)
@@ -200,11 +288,12 @@ def run_case(case: Path, steps: list[str] | None = None, limit: float = 2.0) -> 
             os._exit(99)
     os.close(wfd)
     buf = b""
-    current, started = None, time.monotonic()
+    current, started, step_limit = None, time.monotonic(), limit
     done: set[str] = set()
     try:
         while True:
-            wait = limit + 1.0 - (time.monotonic() - started) if current else limit + 1.0
+            wait = (step_limit + 1.0 - (time.monotonic() - started) if current
+                    else limit + 1.0)
             ready, _, _ = select.select([rfd], [], [], max(wait, 0))
             if not ready:
                 os.kill(pid, signal.SIGKILL)
@@ -220,6 +309,7 @@ def run_case(case: Path, steps: list[str] | None = None, limit: float = 2.0) -> 
                 detail = (rest[0] if rest else "").replace("\\n", "\n")
                 if kind == "S":
                     current, started = step, time.monotonic()
+                    step_limit = limit * (STEPS[step].factor if step in STEPS else 1)
                     continue
                 res.seconds[step] = time.monotonic() - started
                 done.add(step)
@@ -227,10 +317,10 @@ def run_case(case: Path, steps: list[str] | None = None, limit: float = 2.0) -> 
                 if kind == "E":
                     code = int(detail)
                     res.codes[step] = code
-                    allowed = {0, 1} if step in ("read", "write") else STEPS[step][0]
+                    allowed = OK if step in LIBRARY_STEPS else STEPS[step].codes
                     if code not in allowed:
                         res.finds.append(Find(step, "exit-code", f"exit {code}: "
-                                              + _read(case / "stdout")[-600:]))
+                                              + _read(case / f"{step}.out")[-600:]))
                 elif kind == "X":
                     res.codes[step] = "traceback"
                     res.finds.append(Find(step, "traceback", detail))
@@ -258,18 +348,25 @@ def _read(path: Path) -> str:
         return ""
 
 
+MOUNTED = "mounted.qcow2"
+
+
 def mount_case(case: Path, limit: float) -> list[Find]:
-    """Mount the mutant read-only, read ``disk``, ``snapshots/*/disk`` and ``layers/*/disk``
-    in pieces in a child process, unmount. Finds: a mount that hangs or exits outside {0, 1}, a reader that
-    hangs or sees the daemon die (ENOTCONN), an unmount that fails."""
+    """Mount a copy of the mutant read/write, and in a child process read ``disk``,
+    ``snapshots/*/disk`` and ``layers/*/disk`` in pieces, write and fsync ``disk``, take a
+    snapshot with mkdir and delete it and an older one with rmdir; unmount. Finds: a mount
+    that hangs or exits outside {0, 1}, a reader that hangs or sees the daemon die (ENOTCONN)
+    or an errno other than EIO (EEXIST/ENOENT/EBUSY/EROFS/ENOSPC where the call documents
+    them), an unmount that fails."""
     mnt = case / "mnt"
     mnt.mkdir(exist_ok=True)
+    shutil.copyfile(case / TOP, case / MOUNTED)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("NOTIFY_SOCKET", None)
     finds: list[Find] = []
     try:
         try:
-            p = subprocess.run([sys.executable, "-m", "qcowfs", "mount", "-o", "ro", TOP, "mnt"],
+            p = subprocess.run([sys.executable, "-m", "qcowfs", "mount", MOUNTED, "mnt"],
                                cwd=case, capture_output=True, text=True, timeout=limit * 3,
                                env=env)
         except subprocess.TimeoutExpired:
@@ -282,23 +379,32 @@ def mount_case(case: Path, limit: float) -> list[Find]:
             return []
         try:
             r = subprocess.run([sys.executable, "-c", _MOUNT_READER, "mnt"], cwd=case,
-                               capture_output=True, text=True, timeout=limit * 4)
+                               capture_output=True, text=True, timeout=limit * 6)
             if r.returncode:
-                finds.append(Find("mount-read", "mount", r.stderr[-2000:]))
+                finds.append(Find("mount-io", "mount", r.stderr[-2000:]))
         except subprocess.TimeoutExpired:
-            finds.append(Find("mount-read", "hang", "reads through the mount did not finish"))
+            finds.append(Find("mount-io", "hang", "I/O through the mount did not finish"))
         u = subprocess.run([sys.executable, "-m", "qcowfs", "umount", "mnt"], cwd=case,
                            capture_output=True, text=True, timeout=60, env=env)
         if u.returncode and not finds:
             finds.append(Find("umount", "exit-code", f"exit {u.returncode}: {u.stderr[-600:]}"))
     finally:
         force_unmount(mnt)
+        (case / MOUNTED).unlink(missing_ok=True)
     return finds
 
 
 _MOUNT_READER = r"""
 import errno, glob, os, sys
 root = sys.argv[1]
+ALLOWED = {errno.EIO}
+def fail(what, exc):
+    if exc.errno == errno.ENOTCONN:
+        sys.exit(f"{what}: the daemon is gone: {exc}")
+    sys.exit(f"{what}: {exc}")
+def tolerate(what, exc, *more):
+    if exc.errno not in ALLOWED | set(more):
+        fail(what, exc)
 names = [os.path.join(root, "disk")]
 for sub in ("snapshots", "layers"):
     names += sorted(glob.glob(os.path.join(root, sub, "*", "disk")))[:4]
@@ -307,16 +413,45 @@ for name in names:
         fd = os.open(name, os.O_RDONLY)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            sys.exit(f"{name}: daemon gone at open: {exc}")
+            fail(f"{name}: open", exc)
         continue
     size = os.fstat(fd).st_size
     for off in (0, 1 << 20, max(size - 65536, 0)):
         try:
             os.pread(fd, 1 << 20, off)
         except OSError as exc:
-            if exc.errno != errno.EIO:
-                sys.exit(f"{name}: read at {off}: {exc}")
+            tolerate(f"{name}: read at {off}", exc)
     os.close(fd)
+disk = os.path.join(root, "disk")
+try:
+    fd = os.open(disk, os.O_RDWR)
+except OSError as exc:
+    tolerate("disk: open for writing", exc, errno.EROFS, errno.EACCES, errno.EPERM)
+    fd = None
+if fd is not None:
+    size = os.fstat(fd).st_size
+    for off, n in ((0, 4096), (size // 2, 70000), (max(size - 5000, 0), 5000)):
+        try:
+            os.pwrite(fd, b"Z" * min(n, max(size - off, 0)), off)
+        except OSError as exc:
+            tolerate(f"disk: write at {off}", exc, errno.ENOSPC, errno.EFBIG)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        tolerate("disk: fsync", exc, errno.ENOSPC)
+    os.close(fd)
+snaps = os.path.join(root, "snapshots")
+try:
+    os.mkdir(os.path.join(snaps, "fz"))
+except OSError as exc:
+    tolerate("mkdir snapshots/fz", exc, errno.EEXIST, errno.EROFS, errno.EPERM, errno.ENOSPC,
+             errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOENT)
+for name in sorted(os.listdir(snaps))[:2]:
+    try:
+        os.rmdir(os.path.join(snaps, name))
+    except OSError as exc:
+        tolerate(f"rmdir snapshots/{name}", exc, errno.ENOENT, errno.EBUSY, errno.EROFS,
+                 errno.EPERM, errno.ENOSPC)
 os.listdir(root)
 """
 

@@ -1,7 +1,10 @@
 """Seed images of every kind the reader handles, made by qemu-img and qemu-io at run time.
 
 A seed is a folder: ``top.qcow2`` (the image the mutator changes) and the files it names
-(backing files, an external data file), which stay as QEMU wrote them. Seeds are built once
+(backing files, an external data file), which stay as QEMU wrote them, plus two images the
+writing steps need: ``overlay.qcow2`` (backed by ``top.qcow2``, with a little data of its own:
+committed into the mutant, rebased away from it) and ``other.qcow2`` (a small plain image to
+rebase onto). Seeds are built once
 per recipe version into a cache folder and reused by every case and every run."""
 
 from __future__ import annotations
@@ -160,6 +163,20 @@ SEEDS: dict[str, Callable[[Path], None]] = {
 }
 
 
+def _companions(d: Path) -> None:
+    """``overlay.qcow2`` over ``top.qcow2`` and a fresh ``other.qcow2`` (see the module doc)."""
+    import json
+    info = subprocess.run(["qemu-img", "info", "--output=json", TOP], cwd=d,
+                          capture_output=True, text=True, check=True)
+    size = json.loads(info.stdout)["virtual-size"]
+    _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", TOP, "-F", "qcow2",
+         "-o", "cluster_size=65536", "overlay.qcow2", cwd=d)
+    _io(d, "write -P 0x61 0 65536", f"write -P 0x62 {size // 2 // 65536 * 65536} 4096",
+        name="overlay.qcow2")
+    _create(d, 1 * MiB, name="other.qcow2", cluster_size=65536)
+    _io(d, "write -P 0x63 0 8192", name="other.qcow2")
+
+
 def cache_root() -> Path:
     """A folder per version of these recipes and of qemu-img, so a changed recipe rebuilds."""
     qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout
@@ -178,6 +195,7 @@ def build_seed(kind: str, root: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
     try:
         SEEDS[kind](tmp)
+        _companions(tmp)
         try:
             os.rename(tmp, folder)
         except OSError:

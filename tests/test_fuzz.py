@@ -8,7 +8,6 @@ map rows were fixed by issue 11's bounded metadata passes."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 from fuzz.campaign import campaign
 from fuzz.mutate import Mutator, apply, from_rows, parse
+from fuzz.repair import judge, judge_case
 from fuzz.runner import run_case
 from fuzz.seeds import SEEDS as SEED_KINDS
 from fuzz.seeds import TOP, build_seed
@@ -26,6 +26,8 @@ from tests import qemutools as q
 pytestmark = pytest.mark.fuzz
 
 REPO = Path(__file__).resolve().parent.parent
+
+JUDGE = "repair-judge"  # a row's step: judge the check -r all step's repair (fuzz/repair.py)
 
 # (seed kind, patches as (field, offset, hex bytes), steps, what happened before the fix)
 REGRESSIONS = [
@@ -61,6 +63,18 @@ REGRESSIONS = [
                  ["map", "convert"],
                  "UnreadableRefblock escaped map and convert (metadata-preallocation probe)",
                  id="reftable-unaligned-map-convert"),
+    pytest.param("refcount2", [("header.backing_file_size", 16, "ffffffff")],
+                 ["rebase", "rebase-u"],
+                 "MemoryError out of rebase: the header rewrite padded to a backing name of "
+                 "4 GiB that no backing_file_offset names (backing.py write_header)",
+                 id="backing-size-without-offset-rebase"),
+    pytest.param("zstd", [("compressed@0x4208", 16904, "0000000000006254"),
+                          ("compressed@0x4f18", 20248, "4000000080000000")],
+                 ["check-r-all", JUDGE],
+                 "check -r all made it worse (qemu-img check: 4 corruptions, then 5): an L2 "
+                 "entry with reserved bits was not counted as referencing its clusters, so the "
+                 "repair lowered their refcounts below QEMU's count (walk.py)",
+                 id="l2-reserved-bits-repair-worse"),
 ]
 
 
@@ -75,9 +89,13 @@ def mutant(tmp_path: Path, kind: str, rows) -> Path:
 @pytest.mark.parametrize(("kind", "rows", "steps", "before"), REGRESSIONS)
 def test_fuzz_find_stays_fixed(tmp_path, kind, rows, steps, before):
     case = mutant(tmp_path, kind, rows)
-    result = run_case(case, ["read", "info", *steps], limit=2.0)
+    result = run_case(case, ["read", "info", *(s for s in steps if s != JUDGE)], limit=2.0)
     assert not result.finds, (f"{before}; now: "
                               f"{[(f.step, f.kind, f.detail[-800:]) for f in result.finds]}")
+    if JUDGE in steps:
+        assert result.codes.get("check-r-all") in (0, 2, 3), result.codes
+        worse = judge_case(case)
+        assert worse is None, f"{before}; now: {worse}"
 
 
 @pytest.mark.slow
@@ -89,46 +107,18 @@ def test_fuzz_fixed_seed_slice(tmp_path):
                                f"{r['detail'][-600:]}" for r in summary["rows"])
 
 
-def _mentioned_host_offsets(messages: str, cs: int) -> set[int]:
-    """Host clusters the check's per-problem lines name (hex offsets, "cluster N")."""
-    out = {int(h, 16) // cs for h in re.findall(r"0x([0-9a-fA-F]+)", messages)}
-    out |= {int(n) for n in re.findall(r"cluster (\d+)", messages)}
-    return out
-
-
-def _excused(lay, host_map: dict[int, int], named: set[int]) -> set[int]:
-    """Guest clusters the check's report covers: their host cluster or their L2 table is
-    named (host_map: guest cluster -> host cluster, from qemu-img map before the repair)."""
-    cs = lay.cluster_size
-    out = {g for g, h in host_map.items() if h in named}
-    per_l2 = cs // lay.l2_entry_size
-    for i, e in enumerate(lay.l1):
-        l2 = lay.u64(e) & 0x00FFFFFFFFFFFE00
-        if l2 and l2 // cs in named:
-            out |= set(range(i * per_l2, (i + 1) * per_l2))
-    return out
-
-
-def _host_map(img: Path, cs: int) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for e in q.map_json(img):
-        if e["depth"] == 0 and e.get("offset") is not None:
-            for k in range(0, e["length"], cs):
-                out[(e["start"] + k) // cs] = (e["offset"] + k) // cs
-    return out
-
-
 @pytest.mark.slow
 def test_repair_does_not_make_things_worse(tmp_path):
     """On a fixed-seed slice of mutants QEMU can still check: after ``qcowfs check -r all``,
     ``qemu-img check`` finds no more corruptions than before, and every guest cluster whose
-    host cluster or L2 table the check did not name reads as QEMU read it before."""
+    host cluster or L2 table the check did not name reads as QEMU read it before
+    (fuzz/repair.py; the fuzzer judges every mutant the same way)."""
     import random
     rng = random.Random(77)
     mutator = Mutator(rng)
-    judged = compared = 0
+    judged = 0
     kinds = ["c4k", "refcount1", "refcount64", "v2", "zlib", "extl2", "snapshots", "bitmaps",
-             "lazy-dirty", "c512", "chain"]
+             "lazy-dirty", "c512", "chain", "zstd"]
     for n in range(30):
         kind = kinds[n % len(kinds)]
         seed = build_seed(kind)
@@ -136,44 +126,26 @@ def test_repair_does_not_make_things_worse(tmp_path):
         patches = mutator.mutate(lay)
         case = tmp_path / f"case{n}"
         shutil.copytree(seed, case)
-        img = case / TOP
-        img.write_bytes(apply(lay.data, patches))
-        mutated = parse(img.read_bytes())
-        code_before, before = q.check(img)
+        shutil.copytree(seed, case / "repair")
+        for img in (case / TOP, case / "repair" / TOP):
+            img.write_bytes(apply(lay.data, patches))
+        code_before, _ = q.check(case / TOP)
         if code_before not in (0, 2, 3):
             continue  # QEMU cannot check it: nothing to compare against
         try:
-            raw_before = q.to_raw(img, case / "before.raw")
-            host_map = _host_map(img, lay.cluster_size)
-        except q.QemuToolError:
-            raw_before = None
-        try:
             p = subprocess.run([sys.executable, "-m", "qcowfs", "check", "-r", "all", TOP],
-                               cwd=case, capture_output=True, text=True, timeout=6,
+                               cwd=case / "repair", capture_output=True, text=True, timeout=6,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
         except subprocess.TimeoutExpired:
-            continue  # an issue-11 hang: the fuzz tests above own it
+            continue  # a hang: the fuzz tests above own it
         what = f"case {n} seed {kind} patches {[x.as_row() for x in patches]}"
         assert "Traceback" not in p.stderr, f"{what}: {p.stderr}"
         if p.returncode == 1:
             continue  # the check could not complete: nothing was repaired
-        code_after, after = q.check(img)
-        assert code_after in (0, 2, 3), f"{what}: qemu-img check after repair: {after}"
-        assert after.get("corruptions", 0) <= before.get("corruptions", 0), (
-            f"{what}: repair made it worse: {before} -> {after}")
+        worse = judge(case / TOP, case / "repair" / TOP, p.stdout + p.stderr)
+        assert worse is None, f"{what}: {worse}"
         judged += 1
-        if raw_before is None:
-            continue
-        raw_after = q.to_raw(img, case / "after.raw")
-        cs = lay.cluster_size
-        excused = _excused(mutated, host_map,
-                           _mentioned_host_offsets(p.stdout + p.stderr, cs))
-        bad = [g for g in range(0, min(len(raw_before), len(raw_after)), cs)
-               if g // cs not in excused and raw_before[g:g + cs] != raw_after[g:g + cs]]
-        assert not bad, f"{what}: guest clusters changed by the repair: {bad[:5]}"
-        compared += 1
-    print(f"judged {judged}, compared {compared}")
-    assert judged >= 10 and compared >= 5, f"only {judged}/{compared} mutants could be judged"
+    assert judged >= 10, f"only {judged} mutants could be judged"
 
 
 @pytest.mark.slow

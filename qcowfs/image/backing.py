@@ -29,7 +29,10 @@ def write_header(image: Qcow2Image, new: hdr.Header) -> None:
         data = hdr.serialize_header(new)
     except FormatError as exc:
         raise FormatError(image.path, exc.reason) from None
-    old_end = max(old.header_length, old.backing_file_offset + old.backing_file_size)
+    old_end = old.header_length
+    if old.backing_file_offset:  # a size with no offset names nothing (QEMU ignores it)
+        old_end = max(old_end, old.backing_file_offset + old.backing_file_size)
+    old_end = min(old_end, old.cluster_size)  # the header lives in cluster 0
     image.file.write(0, data.ljust(old_end, b"\0"))
     image.file.sync()
     image.header = new

@@ -241,9 +241,9 @@ class _Walker:
                 continue
             reserved = L2E_STD_RESERVED_MASK | (ZERO_FLAG if extended else 0)
             if entry & reserved:
+                # an error, and still an entry: QEMU counts the cluster it points at
                 self.defect(f"L2 entry 0x{entry:016x} in table at {l2_off} has reserved bits "
                             f"set", l2_off)
-                continue
             host = entry & L2E_OFFSET_MASK
             if extended:
                 bitmap = table[j + 1]
