@@ -3,7 +3,8 @@ times, and judge every run with QEMU's tools.
 
 Each run builds fresh images with qemu-img/qemu-io, then runs one operation in a child
 process: COW writes with flushes, discard, snapshot create/delete/apply, commit, rebase (safe
-and ``-u``), resize grow and shrink, convert to qcow2, ``check -r all``. The child counts the
+and ``-u``), resize grow and shrink, convert to qcow2, ``check -r all``, amend (lazy refcounts
+on and off, size); the table ``OPS`` lists them. The child counts the
 calls that change files (pwrite, pwritev, write, fsync, ftruncate, replace, unlink) and, at
 the call the parent picked at random (1 to the count of a run on a copy, plus one), announces the kill
 point (``K n call``) and kills itself with SIGKILL, so every step of the operation is a
@@ -28,14 +29,57 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 KiB, MiB = 1024, 1024 * 1024
 SIZE = 4 * MiB
-OPS = ["cow", "discard", "snap-create", "snap-delete", "snap-apply", "commit", "rebase",
-       "rebase-u", "resize-grow", "resize-shrink", "convert", "check-r-all"]
 NEVER = 1 << 40
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of the campaign.
+
+    ``argv``: a qcowfs command the child runs (None: a library operation written out in
+    ``CHILD``). ``opts``: creation options forced on top.qcow2 (over the random cluster layout);
+    ``snapshot``/``other``/``dirty``: what ``prepare`` adds (a snapshot s1 then more writes; a
+    second image other.qcow2; a killed qemu-io that leaves leaks and, with lazy refcounts, a
+    dirty image). ``judge``: the name of the rule in ``judge`` that says what the guest may
+    see after a kill at any point."""
+    argv: tuple[str, ...] | None = None
+    judge: str = "same-view"
+    opts: tuple[tuple[str, str], ...] = ()
+    snapshot: bool = False
+    other: bool = False
+    dirty: bool = False
+    codes: tuple[int, ...] = (0,)
+
+
+#: The operations, in the order runs are spread over them. A new one is a row here (and, for
+#: a library operation, a branch in CHILD; for a new promise, a rule in ``judge``).
+OPS: dict[str, Op] = {
+    "cow": Op(judge="cow"),
+    "discard": Op(judge="discard"),
+    "snap-create": Op(judge="snap-create"),
+    "snap-delete": Op(judge="snap-delete", snapshot=True),
+    "snap-apply": Op(judge="snap-apply", snapshot=True),
+    "commit": Op(("commit", "-q", "top.qcow2"), judge="commit"),
+    "rebase": Op(("rebase", "-q", "-b", "other.qcow2", "-F", "qcow2", "top.qcow2"), other=True),
+    "rebase-u": Op(("rebase", "-q", "-u", "-b", "other.qcow2", "-F", "qcow2", "top.qcow2"),
+                   judge="rebase-u", other=True),
+    "resize-grow": Op(("resize", "-q", "top.qcow2", "+3M"), judge="grow:3"),
+    "resize-shrink": Op(("resize", "-q", "--shrink", "top.qcow2", "1M"), judge="shrink"),
+    "convert": Op(("convert", "-q", "-O", "qcow2", "top.qcow2", "out.qcow2"), judge="convert"),
+    "check-r-all": Op(("check", "-q", "-r", "all", "top.qcow2"), opts=(("lazy_refcounts", "on"),),
+                      dirty=True, codes=(0, 3)),
+    "amend-lazy-on": Op(("amend", "-q", "-o", "lazy_refcounts=on", "top.qcow2"),
+                        opts=(("lazy_refcounts", "off"),)),
+    "amend-lazy-off": Op(("amend", "-q", "-o", "lazy_refcounts=off", "top.qcow2"),
+                         opts=(("lazy_refcounts", "on"),), dirty=True),
+    "amend-size": Op(("amend", "-q", "-o", "size=6M", "top.qcow2"), judge="grow:2"),
+}
 
 
 def _run(*args, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
@@ -55,11 +99,11 @@ def _io(d: Path, name: str, *cmds: str, ok=(0,)) -> None:
 
 def prepare(op: str, d: Path, rnd: random.Random) -> dict:
     """Images for one run of ``op`` in ``d``, made by QEMU; returns the run's options."""
+    spec = OPS[op]
     opts = rnd.choice([{"cluster_size": "65536"}, {"cluster_size": "4096"},
                        {"cluster_size": "65536", "lazy_refcounts": "on"},
                        {"cluster_size": "32768", "extended_l2": "on"}])
-    if op == "check-r-all":
-        opts = {**opts, "lazy_refcounts": "on"}  # so the killed qemu-io leaves it dirty
+    opts = {**opts, **dict(spec.opts)}
     o = ",".join(f"{k}={v}" for k, v in opts.items())
     _run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "base.qcow2",
          str(SIZE), cwd=d)
@@ -70,21 +114,22 @@ def prepare(op: str, d: Path, rnd: random.Random) -> dict:
             f"{rnd.randrange(1, 200 * KiB)}" for i in range(6)]
     cmds.append(f"write -z {rnd.randrange(0, SIZE // 2)} 70000")
     _io(d, "top.qcow2", *cmds)
-    if op in ("snap-delete", "snap-apply"):
+    if spec.snapshot:
         _run("qemu-img", "snapshot", "-c", "s1", "top.qcow2", cwd=d)
         _io(d, "top.qcow2", f"write -P 0x77 {rnd.randrange(0, SIZE // 2)} 300000")
-    if op in ("rebase", "rebase-u"):
+    if spec.other:
         _run("qemu-img", "create", "-q", "-f", "qcow2", "other.qcow2", str(SIZE), cwd=d)
         _io(d, "other.qcow2", f"write -P 0x99 {MiB} {MiB}")
-    if op == "check-r-all":
+    if spec.dirty:
         # leaks and, with lazy refcounts, a dirty image: what check -r all is for
         _io(d, "top.qcow2", "write -P 0x55 0 300k", "sigraise 9", ok=(-9, 137))
     return opts
 
 
 CHILD = r"""
-import os, random, signal, sys
+import json, os, random, signal, sys
 op, kill_at, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+argv, codes = json.loads(sys.argv[5])
 count = 0
 def say(s):
     sys.stdout.write(s + "\n"); sys.stdout.flush()
@@ -126,24 +171,21 @@ elif op.startswith("snap-"):
      "snap-delete": lambda: disk.delete_snapshot("s1"),
      "snap-apply": lambda: disk.apply_snapshot("s1")}[op]()
     disk.close()
-else:
-    argv = {"commit": ["commit", "-q", "top.qcow2"],
-            "rebase": ["rebase", "-q", "-b", "other.qcow2", "-F", "qcow2", "top.qcow2"],
-            "rebase-u": ["rebase", "-q", "-u", "-b", "other.qcow2", "-F", "qcow2", "top.qcow2"],
-            "resize-grow": ["resize", "-q", "top.qcow2", "+3M"],
-            "resize-shrink": ["resize", "-q", "--shrink", "top.qcow2", "1M"],
-            "convert": ["convert", "-q", "-O", "qcow2", "top.qcow2", "out.qcow2"],
-            "check-r-all": ["check", "-q", "-r", "all", "top.qcow2"]}[op]
+elif argv is not None:
     code = main(argv)
-    if code not in (0, 3):
+    if code not in codes:
         sys.exit(f"{op}: exit {code}")
+else:
+    sys.exit(f"{op}: no library operation of that name in CHILD")
 say(f"E {count}")
 """
 
 
 def run_child(op: str, d: Path, kill_at: int, seed: int) -> tuple[list[str], int]:
     """(the child's report lines, its exit status)."""
-    p = subprocess.run([sys.executable, "-c", CHILD, op, str(kill_at), str(seed), str(SIZE)],
+    spec = OPS[op]
+    p = subprocess.run([sys.executable, "-c", CHILD, op, str(kill_at), str(seed), str(SIZE),
+                        json.dumps([spec.argv, spec.codes])],
                        cwd=d, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     if p.returncode not in (0, -signal.SIGKILL):
@@ -179,7 +221,8 @@ def judge(op: str, d: Path, before: dict[str, bytes], lines: list[str], seed: in
     """Raise AssertionError when the killed run left something QEMU or the guest would see
     as wrong."""
     top = before["top"]
-    if op == "convert":
+    rule = OPS[op].judge
+    if rule == "convert":
         p = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", "out.qcow2",
                             "top.qcow2"], cwd=d, capture_output=True)
         if p.returncode == 0:
@@ -190,10 +233,10 @@ def judge(op: str, d: Path, before: dict[str, bytes], lines: list[str], seed: in
         consistent(d, "top.qcow2")
         return
     consistent(d, "top.qcow2")
-    if op == "commit":
+    if rule == "commit":
         consistent(d, "base.qcow2")
     now = raw(d, "top.qcow2")
-    if op == "cow":
+    if rule == "cow":
         expected, touched = bytearray(top), bytearray(len(top))
         flushed = [int(x.split()[1]) for x in lines if x.startswith("F ")]
         last = flushed[-1] if flushed else -1
@@ -209,7 +252,7 @@ def judge(op: str, d: Path, before: dict[str, bytes], lines: list[str], seed: in
         pending = _unreported(seed, lines)
         bad = [i for i in bad if not any(i < b and a < i + 512 for a, b in pending)]
         assert not bad, f"flushed data lost at {bad[:5]}"
-    elif op == "discard":
+    elif rule == "discard":
         base = before["base"]
         lo, hi = MiB, 3 * MiB
         if any(x.startswith("F ") for x in lines):
@@ -219,8 +262,8 @@ def judge(op: str, d: Path, before: dict[str, bytes], lines: list[str], seed: in
             assert now[:lo] == top[:lo] and now[hi:] == top[hi:], "discard touched other data"
             for i in range(lo, hi, 64 * KiB):
                 assert now[i:i + 64 * KiB] in (top[i:i + 64 * KiB], base[i:i + 64 * KiB]), i
-    elif op in ("snap-create", "snap-delete", "commit", "rebase", "rebase-u", "check-r-all"):
-        if op == "rebase-u":
+    elif rule in ("same-view", "snap-create", "snap-delete", "commit", "rebase-u"):
+        if rule == "rebase-u":
             backing = json.loads(_run("qemu-img", "info", "-U", "--output=json", "top.qcow2",
                                       cwd=d).stdout).get("backing-filename")
             assert backing in ("base.qcow2", "other.qcow2"), backing
@@ -229,21 +272,23 @@ def judge(op: str, d: Path, before: dict[str, bytes], lines: list[str], seed: in
             return
         assert now == top, f"{op}: the guest view changed"
         snaps = _snapshots(d)
-        if op == "snap-create" and "new" in snaps:
+        if rule == "snap-create" and "new" in snaps:
             assert raw(d, "top.qcow2", "snap.raw", "-l", "snapshot.name=new") == top
-        if op == "snap-delete" and "s1" in snaps:
+        if rule == "snap-delete" and "s1" in snaps:
             assert raw(d, "top.qcow2", "snap.raw", "-l", "snapshot.name=s1") == before["s1"]
-    elif op == "snap-apply":
+    elif rule == "snap-apply":
         assert now in (top, before["s1"]), "apply left a disk that is neither old nor snapshot"
         assert raw(d, "top.qcow2", "snap.raw", "-l", "snapshot.name=s1") == before["s1"]
-    elif op == "resize-grow":
+    elif rule.startswith("grow:"):
         assert now[:SIZE] == top and not any(now[SIZE:]), "grow changed data or exposed junk"
-        assert len(now) in (SIZE, SIZE + 3 * MiB), len(now)
-    elif op == "resize-shrink":
+        assert len(now) in (SIZE, SIZE + int(rule[5:]) * MiB), len(now)
+    elif rule == "shrink":
         # Clusters past the new end are dropped before the size is written (as QEMU does):
         # until then they may read from the backing file. The kept part never changes.
         assert len(now) in (SIZE, MiB), len(now)
         assert now[:MiB] == top[:MiB], "shrink changed the data it keeps"
+    else:
+        raise AssertionError(f"{op}: no rule {rule!r} in judge")
 
 
 def _snapshots(d: Path) -> set[str]:
@@ -288,7 +333,7 @@ def one_run(op: str, d: Path, rnd: random.Random, calls: dict[str, int]) -> str:
     seed = rnd.randrange(1 << 30)
     prepare(op, d, rnd)
     before = {"top": raw(d, "top.qcow2"), "base": raw(d, "base.qcow2", "base-view.raw")}
-    if op in ("snap-delete", "snap-apply"):
+    if OPS[op].snapshot:
         before["s1"] = raw(d, "top.qcow2", "snap.raw", "-l", "snapshot.name=s1")
     probe = d.parent / f"calibrate-{d.name}"
     shutil.rmtree(probe, ignore_errors=True)
@@ -347,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default="")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    ops = [o for o in args.ops.split(",") if o] or OPS
+    ops = [o for o in args.ops.split(",") if o] or list(OPS)
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        ap.error(f"unknown operations {unknown}; known: {', '.join(OPS)}")
     out = args.out or Path(tempfile.mkdtemp(prefix="qcowfs-crash-"))
     summary = crash_campaign(args.runs, args.seed, ops, out, log=lambda s: print(s, flush=True))
     return 1 if summary["failures"] else 0
