@@ -184,11 +184,13 @@ class _Walker:
         if active:
             stats.total_clusters = -(-self.h.size // self.cs)
         for i, entry in enumerate(l1):
+            if not entry:
+                continue
+            # QEMU's check takes any non-zero entry as an L2 table, one with only flags set as a
+            # table at offset 0 (reads see none there): its counts are the ones -r all must keep
             l2_off = entry & L1E_OFFSET_MASK
             if entry & L1E_RESERVED_MASK:
                 self.defect(f"{what}: entry {i} has reserved bits set (0x{entry:016x})", offset)
-            if not l2_off:
-                continue
             if l2_off % self.cs:
                 # QEMU counts the (two) clusters the misplaced table covers and still reads it
                 self.defect(f"{what}: L2 table at unaligned offset {l2_off}", l2_off)
