@@ -63,7 +63,9 @@ STEPS: dict[str, Step] = {
     "convert": _step(OK, "convert", "-O", "raw", TOP, "out.raw"),
     "compare": _step({0, 1, 2}, "compare", TOP, TOP),
     "snapshot-list": _step(OK, "snapshot", "-l", TOP),
-    "check-r-all": _step(CHECK, "check", "-r", "all", TOP, folder="repair", fresh=True),
+    # a check, the repair, and a second check, as qemu-img -r all does: twice the time
+    "check-r-all": _step(CHECK, "check", "-r", "all", TOP, folder="repair", fresh=True,
+                         factor=2.0),
     "check-after": _step(CHECK, "check", TOP, folder="repair"),
     "commit": _step(OK, "commit", "-q", TOP, folder="commit", fresh=True),
     "commit-into": _step(OK, "commit", "-q", OVERLAY, folder="commit-into", fresh=True),

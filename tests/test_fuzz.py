@@ -81,6 +81,17 @@ REGRESSIONS = [
                  "entry with only the COPIED flag was skipped, where QEMU's check walks it as an "
                  "L2 table at offset 0 and counts what that names (walk.py walk_l1)",
                  id="l1-flags-only-repair-worse"),
+    pytest.param("huge-sparse", [("l1@0x30000", 196608, "8000000000000000")],
+                 ["rebase", "rebase-over"],
+                 "rebase ran for minutes: a zero range of the old chain (here 512 MiB with no "
+                 "L2 table) was read in full because the new backing file had data somewhere "
+                 "in it; now only the new chain's data ranges are compared (chain/rebase.py)",
+                 id="rebase-zero-range-over-new-data"),
+    pytest.param("bitmaps", [("truncate", 106559, "")], ["check-r-all", JUDGE],
+                 "check -r all made it worse (qemu-img check: 0 corruptions, then 2): a bitmap "
+                 "directory cut inside the file's last cluster was not read, so the bitmap "
+                 "clusters it names were freed; QEMU reads the tail as zeros (walk.py)",
+                 id="bitmap-directory-cut-repair-worse"),
 ]
 
 

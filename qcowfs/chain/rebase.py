@@ -65,20 +65,17 @@ def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: 
                 if progress:
                     progress(e.length)
                 continue  # the image holds it itself
-            if e.zero and not e.data and _reads_as_zero(new_status, e.start, e.length):
+            if e.zero and not e.data:
+                # zeros in the old chain: only where the new chain has data can they differ
+                # (the work follows the new chain's metadata, not the claimed disk size)
+                done = 0
+                for start, length in _data_ranges(new_status, e.start, e.length):
+                    _copy_range(disk, new, start, start + length, cs, progress)
+                    done += length
                 if progress:
-                    progress(e.length)
-                continue  # zeros in the old chain and in the new one: nothing to compare
-            pos, end = e.start, e.start + e.length
-            while pos < end:
-                n = min(CHUNK - pos % cs, end - pos)
-                old = disk.read(pos, n)
-                below = _read(new, pos, n)
-                if old != below:
-                    _write_differing(disk, pos, old, below, cs)
-                pos += n
-                if progress:
-                    progress(n)
+                    progress(e.length - done)
+                continue
+            _copy_range(disk, new, e.start, e.start + e.length, cs, progress)
         disk.flush()
     finally:
         if new is not None:
@@ -86,12 +83,28 @@ def _copy_differences(path: str, new_backing: str, new_format: str | None, fmt: 
         disk.close()
 
 
-def _reads_as_zero(status: ChainStatus | None, start: int, length: int) -> bool:
-    """Whether the new chain's block status says [start, start + length) reads as zeros
-    (no chain, or past its end, reads as zeros too)."""
+def _data_ranges(status: ChainStatus | None, start: int, length: int
+                 ) -> list[tuple[int, int]]:
+    """The parts of [start, start + length) the new chain's block status does not say read
+    as zeros (no chain, or past its end, reads as zeros)."""
     if status is None:
-        return True
-    return all(e.zero and not e.data for e in status.merged(start, length))
+        return []
+    return [(e.start, e.length) for e in status.merged(start, length)
+            if not (e.zero and not e.data)]
+
+
+def _copy_range(disk: Disk, new: Disk | None, pos: int, end: int, cs: int,
+                progress: Progress | None) -> None:
+    """Copy into the image each piece of [pos, end) where the old and the new chain differ."""
+    while pos < end:
+        n = min(CHUNK - pos % cs, end - pos)
+        old = disk.read(pos, n)
+        below = _read(new, pos, n)
+        if old != below:
+            _write_differing(disk, pos, old, below, cs)
+        pos += n
+        if progress:
+            progress(n)
 
 
 def _read(view: Disk | None, pos: int, n: int) -> bytes:

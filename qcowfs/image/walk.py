@@ -134,9 +134,13 @@ class _Walker:
                 beyond[i] = beyond.get(i, 0) + 1
 
     def read_table(self, offset: int, nbytes: int, what: str) -> array | None:
+        """A table; one that ends less than a cluster past the end of the file is read as QEMU
+        reads it, its missing tail as zero entries (a file cut inside its last cluster)."""
         if offset + nbytes > self.file.size:
-            self.defect(f"{what} at offset {offset} lies past the end of the file", offset)
-            return None
+            if offset >= self.file.size or offset + nbytes - self.file.size >= self.cs:
+                self.defect(f"{what} at offset {offset} lies past the end of the file", offset)
+                return None
+            nbytes = (self.file.size - offset) // 8 * 8
         return decode_u64_table(self.file.read(offset, nbytes))
 
     def read_l2(self, offset: int) -> array:
@@ -285,12 +289,15 @@ class _Walker:
             self.defect("bitmap directory has an invalid offset or size", ext.directory_offset)
             return
         self.ref(ext.directory_offset, ext.directory_size, "bitmap directory")
-        if ext.directory_offset + ext.directory_size > self.file.size:
+        over = ext.directory_offset + ext.directory_size - self.file.size
+        if over > 0 and (ext.directory_offset >= self.file.size or over >= self.cs):
             self.defect("bitmap directory lies past the end of the file", ext.directory_offset)
             return
+        raw = self.file.read(ext.directory_offset, ext.directory_size)
         try:
-            entries = parse_bitmap_directory(
-                self.file.read(ext.directory_offset, ext.directory_size), ext.nb_bitmaps)
+            # cut inside the file's last cluster: the rest reads as zeros, as in QEMU
+            entries = parse_bitmap_directory(raw.ljust(ext.directory_size, b"\0"),
+                                             ext.nb_bitmaps)
         except ImageError as exc:
             self.defect(f"bitmap directory: {exc.reason}", ext.directory_offset)
             return
