@@ -2,8 +2,9 @@
 
 Safe mode keeps the guest view: every range the image does not hold itself, and where the old
 and the new backing chain differ, gets the old data copied into the image (written and flushed)
-before the header names the new backing file; a range both chains' block status says reads as
-zeros is not read at all. Unsafe mode only rewrites the header. An empty
+before the header names the new backing file; where the old chain's block status says zeros,
+only the new chain's data ranges are read (the work follows the metadata present, not the
+disk size the image claims). Unsafe mode only rewrites the header. An empty
 new name detaches the image (safe mode then copies in everything the old chain provided).
 """
 
