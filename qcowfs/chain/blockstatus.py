@@ -82,9 +82,20 @@ class ChainStatus:
         """Unmerged entries, in order, covering ``[offset, offset + length)``."""
         end = self.size if length is None else min(self.size, offset + length)
         pos = offset
+        # A chunk that is one run (a long unallocated stretch, say) doubles the next one, up to
+        # 2^21 clusters (today's most per chunk, at 512-byte clusters): the steps follow the
+        # runs present, not the disk size the header claims (a 1 PiB disk with no L2 tables
+        # was a million 1 GiB steps).
+        top = self.layers[0]
+        most = max(CHUNK, getattr(top, "cluster_size", 512) << 21)
+        step = CHUNK
         while pos < end:
-            n = min(CHUNK, end - pos)
-            yield from self._status(0, pos, n)
+            n = min(step, end - pos)
+            runs = 0
+            for e in self._status(0, pos, n):
+                runs += 1
+                yield e
+            step = min(step * 2, most) if runs == 1 else CHUNK
             pos += n
 
     def merged(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
