@@ -3,7 +3,8 @@ times, and judge every run with QEMU's tools.
 
 Each run builds fresh images with qemu-img/qemu-io, then runs one operation in a child
 process: COW writes with flushes, discard, snapshot create/delete/apply, commit, rebase (safe
-and ``-u``), resize grow and shrink, convert to qcow2, ``check -r all``. The child counts the
+and ``-u``), resize grow and shrink, convert to qcow2, ``check -r all``, ``amend`` to another
+refcount width and down to compat=0.10 (zero clusters expanded). The child counts the
 calls that change files (pwrite, pwritev, write, fsync, ftruncate, replace, unlink) and, at
 the call the parent picked at random (1 to the count of a run on a copy, plus one), announces the kill
 point (``K n call``) and kills itself with SIGKILL, so every step of the operation is a
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 KiB, MiB = 1024, 1024 * 1024
 SIZE = 4 * MiB
 OPS = ["cow", "discard", "snap-create", "snap-delete", "snap-apply", "commit", "rebase",
-       "rebase-u", "resize-grow", "resize-shrink", "convert", "check-r-all"]
+       "rebase-u", "resize-grow", "resize-shrink", "convert", "check-r-all", "amend-refcount",
+       "amend-compat"]
 NEVER = 1 << 40
 
 
@@ -60,6 +62,8 @@ def prepare(op: str, d: Path, rnd: random.Random) -> dict:
                        {"cluster_size": "32768", "extended_l2": "on"}])
     if op == "check-r-all":
         opts = {**opts, "lazy_refcounts": "on"}  # so the killed qemu-io leaves it dirty
+    if op == "amend-compat" and "extended_l2" in opts:
+        opts = {"cluster_size": "32768"}  # v2 cannot hold extended L2 (amend refuses)
     o = ",".join(f"{k}={v}" for k, v in opts.items())
     _run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "base.qcow2",
          str(SIZE), cwd=d)
@@ -133,7 +137,11 @@ else:
             "resize-grow": ["resize", "-q", "top.qcow2", "+3M"],
             "resize-shrink": ["resize", "-q", "--shrink", "top.qcow2", "1M"],
             "convert": ["convert", "-q", "-O", "qcow2", "top.qcow2", "out.qcow2"],
-            "check-r-all": ["check", "-q", "-r", "all", "top.qcow2"]}[op]
+            "check-r-all": ["check", "-q", "-r", "all", "top.qcow2"],
+            "amend-refcount": ["amend", "-q", "-o",
+                               f"refcount_bits={rnd.choice([1, 2, 4, 8, 32, 64])}",
+                               "top.qcow2"],
+            "amend-compat": ["amend", "-q", "-o", "compat=0.10", "top.qcow2"]}[op]
     code = main(argv)
     if code not in (0, 3):
         sys.exit(f"{op}: exit {code}")
@@ -219,7 +227,8 @@ def judge(op: str, d: Path, before: dict[str, bytes], lines: list[str], seed: in
             assert now[:lo] == top[:lo] and now[hi:] == top[hi:], "discard touched other data"
             for i in range(lo, hi, 64 * KiB):
                 assert now[i:i + 64 * KiB] in (top[i:i + 64 * KiB], base[i:i + 64 * KiB]), i
-    elif op in ("snap-create", "snap-delete", "commit", "rebase", "rebase-u", "check-r-all"):
+    elif op in ("snap-create", "snap-delete", "commit", "rebase", "rebase-u", "check-r-all",
+                "amend-refcount", "amend-compat"):
         if op == "rebase-u":
             backing = json.loads(_run("qemu-img", "info", "-U", "--output=json", "top.qcow2",
                                       cwd=d).stdout).get("backing-filename")
