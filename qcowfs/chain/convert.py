@@ -327,29 +327,28 @@ def _union(a: list[tuple[int, int]], b) -> list[tuple[int, int]]:
     return [(x, y) for x, y in out]
 
 
-def to_encrypted_qcow2(src: Source, dst: str, options: QcowOptions,
-                       progress: Progress | None = None) -> None:
-    """qcow2 output with ``encrypt.format``: the image is created with its LUKS (or AES)
-    header, then written through the ordinary encrypted write path, skipping runs that read as
-    zeros (a new image reads zeros there already)."""
+def to_qcow2_in_place(src: Source, dst: str, options: QcowOptions,
+                      progress: Progress | None = None) -> None:
+    """qcow2 output created as ``create`` makes it -- encrypted, preallocated, or with an
+    external data file -- then filled through the ordinary write path: the 4 KiB blocks of
+    zeros (``-S 4k``) are not written, since a new image reads zeros there already, so
+    preallocated clusters keep their holes where the source is zero, as with qemu-img."""
     from qcowfs.image.create import create_qcow2
 
     from .disk import open_image
 
-    create_qcow2(dst, options)
-    out = open_image(dst, writable=True, format="qcow2", keys=[options.encrypt_key])
+    create_qcow2(dst, QcowOptions(**{**options.__dict__, "size": src.size}))
+    keys = [options.encrypt_key] if options.encrypt_format else None
+    out = open_image(dst, writable=True, format="qcow2", keys=keys, zero_detect=False)
     try:
         done = 0
-        for start, end in _nonzero_runs(src):
-            pos = start
-            while pos < end:
-                n = min(CHUNK, end - pos)
-                data = src.read(pos, n)
-                if data.count(0) != len(data):
-                    out.write(pos, data)
-                pos += n
+        with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+            for pos, data in chunks:
+                view = memoryview(data)
+                for s, e in data_spans(data, pos):
+                    out.write(pos + s, view[s:e])
                 if progress:
-                    progress(pos - done)
-                    done = pos
+                    progress(pos + len(data) - done)
+                    done = pos + len(data)
     finally:
         out.close()
