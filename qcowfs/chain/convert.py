@@ -332,23 +332,37 @@ def to_qcow2_in_place(src: Source, dst: str, options: QcowOptions,
     """qcow2 output created as ``create`` makes it -- encrypted, preallocated, or with an
     external data file -- then filled through the ordinary write path: the 4 KiB blocks of
     zeros (``-S 4k``) are not written, since a new image reads zeros there already, so
-    preallocated clusters keep their holes where the source is zero, as with qemu-img."""
+    preallocated clusters keep their holes where the source is zero, as with qemu-img. Built
+    under a temporary name next to ``dst`` and renamed over it once closed and durable, as
+    the sequential writer does."""
     from qcowfs.image.create import create_qcow2
+    from qcowfs.image.sequential import partial_name, publish
 
     from .disk import open_image
 
-    create_qcow2(dst, QcowOptions(**{**options.__dict__, "size": src.size}))
+    partial = partial_name(dst)
+    create_qcow2(partial, QcowOptions(**{**options.__dict__, "size": src.size}))
     keys = [options.encrypt_key] if options.encrypt_format else None
-    out = open_image(dst, writable=True, format="qcow2", keys=keys, zero_detect=False)
+    done = False
     try:
-        done = 0
-        with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
-            for pos, data in chunks:
-                view = memoryview(data)
-                for s, e in data_spans(data, pos):
-                    out.write(pos + s, view[s:e])
-                if progress:
-                    progress(pos + len(data) - done)
-                    done = pos + len(data)
+        out = open_image(partial, writable=True, format="qcow2", keys=keys, zero_detect=False)
+        try:
+            sent = 0
+            with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+                for pos, data in chunks:
+                    view = memoryview(data)
+                    for s, e in data_spans(data, pos):
+                        out.write(pos + s, view[s:e])
+                    if progress:
+                        progress(pos + len(data) - sent)
+                        sent = pos + len(data)
+        finally:
+            out.close()
+        publish(partial, dst)
+        done = True
     finally:
-        out.close()
+        if not done:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
