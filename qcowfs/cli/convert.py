@@ -200,15 +200,16 @@ def run(args: argparse.Namespace) -> int:
         copied = _bitmaps_to_copy(args, src, options) if args.bitmaps else None
         refuse_if_in_use(args.dest)
         show = args.progress and not args.quiet
+        sparse = args.sparse_size or engine.SPARSE_BLOCK
         with progress_bar(show, view.size, "convert") as step:
             if options is None:
-                engine.to_raw(view, args.dest, step)
+                engine.to_raw(view, args.dest, step, sparse=sparse)
             elif (options.encrypt_format or options.data_file
                   or options.preallocation != "off"):
-                engine.to_qcow2_in_place(view, args.dest, options, step)
+                engine.to_qcow2_in_place(view, args.dest, options, step, sparse=sparse)
             else:
                 engine.to_qcow2(view, args.dest, options, compress=args.compress,
-                                backing=backing, progress=step)
+                                backing=backing, progress=step, sparse=sparse)
         if copied:
             _store_bitmaps(args.dest, copied)
     finally:
