@@ -27,7 +27,8 @@ def _both(tmp_path, img, *args: str):
 
 
 @pytest.mark.parametrize("opts", ["lazy_refcounts=on", "lazy_refcounts=off",
-                                  "lazy_refcounts=on,size=5M", "size=2M", "compat=1.1",
+                                  "lazy_refcounts=on,size=5M", "size=2M", "size=1M",
+                                  "lazy_refcounts=off,size=64k", "compat=1.1",
                                   "refcount_bits=16,lazy_refcounts=yes"])
 @pytest.mark.parametrize("start", ["lazy_refcounts=on", "lazy_refcounts=off"])
 def test_same_as_qemu(tmp_path, opts, start):

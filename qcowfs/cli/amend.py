@@ -38,7 +38,7 @@ def register(sub) -> None:
     p = sub.add_parser("amend", help="change a qcow2 image's options in place",
                        description="Change options of an existing qcow2 image, as `qemu-img "
                                    "amend` does: compat=, refcount_bits=, lazy_refcounts=, "
-                                   "size= (grow), data_file=, data_file_raw=off; -o help "
+                                   "size=, data_file=, data_file_raw=off; -o help "
                                    "lists qemu-img's.")
     p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="image format (probed)")
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS")
@@ -159,8 +159,6 @@ def _refuse(plan: Plan, disk) -> None:
     if plan.lazy and not h.lazy_refcounts and plan.version < 3:
         raise CommandError("Lazy refcounts only supported with compatibility level 1.1 and "
                            "above (use compat=1.1 or greater)")
-    if plan.size is not None and plan.size < disk.size:
-        raise CommandError("shrinking with amend is not supported yet (use resize --shrink)")
     if plan.version < h.version:
         from qcowfs.image.compat import downgrade_refusal
         why = downgrade_refusal(w, refcount_order=plan.refcount_order,
@@ -196,8 +194,8 @@ def _lazy_refcounts(plan: Plan, disk) -> None:
 
 
 def _size(plan: Plan, disk) -> None:
-    if plan.size is not None and plan.size > disk.size:
-        disk.resize(plan.size)
+    if plan.size is not None and plan.size != disk.size:
+        disk.resize(plan.size, shrink=plan.size < disk.size)
 
 
 def _downgrade(plan: Plan, disk) -> None:
