@@ -4,7 +4,7 @@ times, and judge every run with QEMU's tools.
 Each run builds fresh images with qemu-img/qemu-io, then runs one operation in a child
 process: COW writes with flushes, discard, snapshot create/delete/apply, commit, rebase (safe
 and ``-u``), resize grow and shrink, convert to qcow2, ``check -r all``, amend (lazy refcounts
-on and off, size); the table ``OPS`` lists them. The child counts the
+on and off, size, another refcount width, down to compat=0.10); the table ``OPS`` lists them. The child counts the
 calls that change files (pwrite, pwritev, write, fsync, ftruncate, replace, unlink) and, at
 the call the parent picked at random (1 to the count of a run on a copy, plus one), announces the kill
 point (``K n call``) and kills itself with SIGKILL, so every step of the operation is a
@@ -79,6 +79,11 @@ OPS: dict[str, Op] = {
     "amend-lazy-off": Op(("amend", "-q", "-o", "lazy_refcounts=off", "top.qcow2"),
                          opts=(("lazy_refcounts", "on"),), dirty=True),
     "amend-size": Op(("amend", "-q", "-o", "size=6M", "top.qcow2"), judge="grow:2"),
+    # {bits}: a width the child draws from its seed, so the probe run and the killed run agree
+    "amend-refcount": Op(("amend", "-q", "-o", "refcount_bits={bits}", "top.qcow2")),
+    # v2 holds neither extended L2 nor lazy refcounts (amend refuses), so the layout has neither
+    "amend-compat": Op(("amend", "-q", "-o", "compat=0.10", "top.qcow2"),
+                       opts=(("extended_l2", "off"), ("lazy_refcounts", "off"))),
 }
 
 
@@ -172,7 +177,8 @@ elif op.startswith("snap-"):
      "snap-apply": lambda: disk.apply_snapshot("s1")}[op]()
     disk.close()
 elif argv is not None:
-    code = main(argv)
+    bits = str(rnd.choice([1, 2, 4, 8, 32, 64]))
+    code = main([a.replace("{bits}", bits) for a in argv])
     if code not in codes:
         sys.exit(f"{op}: exit {code}")
 else:

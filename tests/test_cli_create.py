@@ -32,9 +32,15 @@ MATRIX = [
     "preallocation=metadata,extended_l2=on",
     "preallocation=metadata,compat=0.10",
     "preallocation=off",
+    "preallocation=falloc",
+    "preallocation=full",
+    "preallocation=full,extended_l2=on",
+    "preallocation=falloc,refcount_bits=64,cluster_size=128k",
+    "preallocation=falloc,cluster_size=4k",
     "data_file=data.raw",
     "data_file=data.raw,data_file_raw=on",
     "data_file=data.raw,preallocation=metadata",
+    "data_file=data.raw,preallocation=full",
     "data_file=data.raw,data_file_raw=on,extended_l2=on,cluster_size=128k,refcount_bits=64",
 ]
 SIZES = ["1M", "3001k", "0", "20M"]
@@ -114,6 +120,17 @@ def test_map_matches_qemu_img(tmp_path, monkeypatch, options):
         pytest.skip("QEMU grew its refcount table: the host layout (and so where the host "
                     "file has holes) differs by design")
     assert maps[0] == maps[1]
+
+
+@pytest.mark.parametrize("options", [o for o in MATRIX if "data_file" in o])
+def test_data_file_size_matches_qemu_img(tmp_path, monkeypatch, options):
+    """With preallocation (data_file_raw implies it) QEMU maps every guest cluster and the
+    data file ends on a whole cluster; it is never preallocated itself."""
+    args = ["-q", "-f", "qcow2", "-o", options, "img.qcow2", "3001k"]
+    theirs, ours = make_pair(tmp_path, monkeypatch, args)
+    a, b = theirs.parent / "data.raw", ours.parent / "data.raw"
+    assert b.stat().st_size == a.stat().st_size
+    assert abs(b.stat().st_blocks - a.stat().st_blocks) <= 8
 
 
 def test_backing_file_defaults_size(tmp_path, monkeypatch):

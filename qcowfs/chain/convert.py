@@ -14,6 +14,7 @@ import functools
 import os
 import queue
 import threading
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -163,8 +164,29 @@ def data_spans(data: bytes, pos: int, block: int = SPARSE_BLOCK) -> list[tuple[i
     return spans
 
 
-def to_raw(src: Source, dst: str, progress: Progress | None = None) -> None:
-    """Write the guest disk of ``src`` to a new sparse raw file ``dst``."""
+def sparse_spans(data: bytes, pos: int, sparse: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
+    """``-S sparse``: the [start, end) offsets into ``data`` (guest bytes from ``pos``) that are
+    written, as qemu-img picks them. Zeros are cut out in blocks of the guest's grid of the
+    largest power of two not above ``sparse`` (at least 4 KiB); a run of zero blocks between
+    data that is shorter than ``sparse`` is written anyway (it would only fragment the output),
+    while one at either edge of the chunk is always cut."""
+    block = max(SPARSE_BLOCK, 1 << (sparse.bit_length() - 1))
+    spans = data_spans(data, pos, block)
+    if sparse <= block or len(spans) < 2:
+        return spans
+    out = [spans[0]]
+    for start, end in spans[1:]:
+        if start - out[-1][1] < sparse:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def to_raw(src: Source, dst: str, progress: Progress | None = None,
+           sparse: int = SPARSE_BLOCK) -> None:
+    """Write the guest disk of ``src`` to a new sparse raw file ``dst`` (``sparse``: the
+    ``-S`` size, see :func:`sparse_spans`)."""
     create_raw(dst, src.size)
     out = HostFile(dst, writable=True)
     try:
@@ -172,7 +194,7 @@ def to_raw(src: Source, dst: str, progress: Progress | None = None) -> None:
         with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
             for pos, data in chunks:
                 view = memoryview(data)
-                for s, e in data_spans(data, pos):
+                for s, e in sparse_spans(data, pos, sparse):
                     out.write(pos + s, view[s:e])
                 if progress:
                     progress(len(data))
@@ -182,7 +204,8 @@ def to_raw(src: Source, dst: str, progress: Progress | None = None) -> None:
 
 
 def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = False,
-             backing: Disk | None = None, progress: Progress | None = None) -> None:
+             backing: Disk | None = None, progress: Progress | None = None,
+             sparse: int = SPARSE_BLOCK) -> None:
     """Write the guest disk of ``src`` to a new qcow2 image ``dst`` (``options.size`` is
     ignored: the source's size is used). With ``backing`` (which ``options`` must name),
     only what differs from it is stored.
@@ -204,7 +227,7 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
         pending: deque = deque()  # (first cluster, data, actions, compressed streams)
         with _ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
             for c, data, below in chunks:
-                actions = _cluster_actions(data, below, cs)
+                actions = _cluster_actions(data, below, cs, c * cs, sparse)
                 packed = None
                 if pool is not None:
                     t = writer.compression_type
@@ -245,13 +268,21 @@ def _read_clusters(src: Source, offset: int, n: int) -> bytes:
     return data if len(data) == n else data + bytes(n - len(data))
 
 
-def _cluster_actions(data: bytes, below: bytes | None, cs: int) -> list[tuple[int, str]]:
+def _cluster_actions(data: bytes, below: bytes | None, cs: int, pos: int = 0,
+                     sparse: int = SPARSE_BLOCK) -> list[tuple[int, str]]:
     """What each cluster of a chunk needs: ("data", i) or ("zero", i) (zero where the
-    backing file is not); clusters with nothing to store are left out."""
+    backing file is not); clusters with nothing to store are left out. A zero cluster that
+    ``-S`` would write (a short zero run between data) is data."""
     out = []
+    written = None
+    if sparse > max(cs, SPARSE_BLOCK):
+        written = array("b", bytes(len(data) // cs))
+        for s, e in sparse_spans(data, pos, sparse):
+            for k in range(s // cs, -(-e // cs)):
+                written[k] = 1
     for i in range(len(data) // cs):
         start, end = i * cs, (i + 1) * cs
-        is_zero = _is_zero(data, start, end)
+        is_zero = _is_zero(data, start, end) and not (written and written[i])
         if below is not None:
             if data.startswith(below[start:end], start, end):
                 continue
@@ -327,29 +358,42 @@ def _union(a: list[tuple[int, int]], b) -> list[tuple[int, int]]:
     return [(x, y) for x, y in out]
 
 
-def to_encrypted_qcow2(src: Source, dst: str, options: QcowOptions,
-                       progress: Progress | None = None) -> None:
-    """qcow2 output with ``encrypt.format``: the image is created with its LUKS (or AES)
-    header, then written through the ordinary encrypted write path, skipping runs that read as
-    zeros (a new image reads zeros there already)."""
+def to_qcow2_in_place(src: Source, dst: str, options: QcowOptions,
+                      progress: Progress | None = None, sparse: int = SPARSE_BLOCK) -> None:
+    """qcow2 output created as ``create`` makes it -- encrypted, preallocated, or with an
+    external data file -- then filled through the ordinary write path: the 4 KiB blocks of
+    zeros (``-S 4k``) are not written, since a new image reads zeros there already, so
+    preallocated clusters keep their holes where the source is zero, as with qemu-img. Built
+    under a temporary name next to ``dst`` and renamed over it once closed and durable, as
+    the sequential writer does."""
     from qcowfs.image.create import create_qcow2
+    from qcowfs.image.sequential import partial_name, publish
 
     from .disk import open_image
 
-    create_qcow2(dst, options)
-    out = open_image(dst, writable=True, format="qcow2", keys=[options.encrypt_key])
+    partial = partial_name(dst)
+    create_qcow2(partial, QcowOptions(**{**options.__dict__, "size": src.size}))
+    keys = [options.encrypt_key] if options.encrypt_format else None
+    done = False
     try:
-        done = 0
-        for start, end in _nonzero_runs(src):
-            pos = start
-            while pos < end:
-                n = min(CHUNK, end - pos)
-                data = src.read(pos, n)
-                if data.count(0) != len(data):
-                    out.write(pos, data)
-                pos += n
-                if progress:
-                    progress(pos - done)
-                    done = pos
+        out = open_image(partial, writable=True, format="qcow2", keys=keys, zero_detect=False)
+        try:
+            sent = 0
+            with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+                for pos, data in chunks:
+                    view = memoryview(data)
+                    for s, e in sparse_spans(data, pos, sparse):
+                        out.write(pos + s, view[s:e])
+                    if progress:
+                        progress(pos + len(data) - sent)
+                        sent = pos + len(data)
+        finally:
+            out.close()
+        publish(partial, dst)
+        done = True
     finally:
-        out.close()
+        if not done:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass

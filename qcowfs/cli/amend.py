@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
 from qcowfs.chain.disk import open_image
 from qcowfs.image.qcow2 import Qcow2Image
@@ -36,9 +37,9 @@ CREATE_ONLY = ("cluster_size", "preallocation", "extended_l2", "compression_type
 def register(sub) -> None:
     p = sub.add_parser("amend", help="change a qcow2 image's options in place",
                        description="Change options of an existing qcow2 image, as `qemu-img "
-                                   "amend` does. Done so far: lazy_refcounts=on|off, size= "
-                                   "(grow), and options that keep their current value; -o "
-                                   "help lists qemu-img's.")
+                                   "amend` does: compat=, refcount_bits=, lazy_refcounts=, "
+                                   "size=, data_file=, data_file_raw=off; -o help "
+                                   "lists qemu-img's.")
     p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="image format (probed)")
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
@@ -61,55 +62,148 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("Expecting one image file name")
     known = {name for name, _, _ in AMEND_HELP}
     for key in opts:
-        if key in CREATE_ONLY:
+        if key in CREATE_ONLY or key not in known:
             raise CommandError(f"Invalid parameter '{key}'")
-        if key not in known:
-            raise CommandError(f"Invalid parameter '{key}'")
-    if "lazy_refcounts" in opts:
-        lazy = parse_bool("lazy_refcounts", opts["lazy_refcounts"])
     disk = open_image(args.file, writable=True, format=args.format)
     try:
-        top = disk.top
-        if not isinstance(top, Qcow2Image):
+        if not isinstance(disk.top, Qcow2Image):
             raise CommandError("Format driver 'raw' does not support option amendment")
-        h = top.header
-        _refuse_changes(opts, h)
-        if "lazy_refcounts" in opts:
-            if lazy and h.version < 3:
-                raise CommandError("Lazy refcounts only supported with compatibility level "
-                                   "1.1 and above (use compat=1.1 or greater)")
-            from qcowfs.image.amend import set_lazy_refcounts
-
-            assert disk.writer is not None
-            set_lazy_refcounts(disk.writer, lazy)
-        if "size" in opts:
-            try:
-                size = parse_size(opts["size"])
-            except ValueError as exc:
-                raise CommandError(str(exc)) from None
-            if size < disk.size:
-                raise CommandError("shrinking with amend is not supported yet (use resize "
-                                   "--shrink)")
-            if size > disk.size:
-                disk.resize(size)
+        assert disk.writer is not None
+        plan = _parse(opts, disk.writer)
+        _refuse(plan, disk)
+        for step in STEPS:
+            step(plan, disk)
     finally:
         disk.close()
     return 0
 
 
-def _refuse_changes(opts: dict[str, str], h) -> None:
-    """Options qcowfs cannot change yet: accepted when they keep the current value."""
-    same = {
-        "compat": ("0.10", "v2") if h.version == 2 else ("1.1", "v3"),
-        "refcount_bits": (str(h.refcount_bits),),
-        "backing_file": (h.backing_file or "",),
-        "backing_fmt": (h.backing_format or "",),
-        "data_file": (h.data_file or "",),
-        "data_file_raw": ("on",) if h.data_file_raw else ("off",),
-    }
-    for key, keep in same.items():
-        if key in opts and opts[key] not in keep:
-            raise CommandError(f"changing {key} is not supported yet")
-    for key in opts:
-        if key.startswith("encrypt."):
-            raise CommandError(f"{key}: amending encryption is not supported yet")
+@dataclass
+class Plan:
+    """What the options ask for, resolved against the image (None: leave as it is)."""
+
+    version: int
+    refcount_order: int
+    lazy: bool
+    size: int | None = None
+    backing: tuple[str | None, str | None] | None = None
+    data_file: str | None = None
+    data_file_raw: bool | None = None
+    encrypt: dict[str, str] = field(default_factory=dict)
+
+
+def _parse(opts: dict[str, str], w) -> Plan:
+    """Each option's value checked as QEMU checks it while it reads the options (before it
+    changes anything)."""
+    h = w.header
+    plan = Plan(version=h.version, refcount_order=h.refcount_order, lazy=h.lazy_refcounts)
+    for key, value in opts.items():
+        if key == "compat":
+            if value in ("0.10", "v2"):
+                plan.version = 2
+            elif value in ("1.1", "v3"):
+                plan.version = 3
+            else:
+                raise CommandError(f"Unknown compatibility level {value}")
+        elif key == "size":
+            try:
+                plan.size = parse_size(value)
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+        elif key == "lazy_refcounts":
+            plan.lazy = parse_bool(key, value)
+        elif key == "refcount_bits":
+            try:
+                bits = int(value, 0)
+            except ValueError:
+                raise CommandError(f"Parameter '{key}' expects a number") from None
+            if not 0 < bits <= 64 or bits & (bits - 1):
+                raise CommandError("Refcount width must be a power of two and may not exceed "
+                                   "64 bits")
+            plan.refcount_order = bits.bit_length() - 1
+        elif key == "data_file":
+            if not h.has_data_file:
+                raise CommandError("data-file can only be set for images that use an external "
+                                   "data file")
+            plan.data_file = value
+        elif key == "data_file_raw":
+            plan.data_file_raw = parse_bool(key, value)
+            if plan.data_file_raw and not h.data_file_raw:
+                raise CommandError("data-file-raw cannot be set on existing images")
+        elif key.startswith("encrypt."):
+            plan.encrypt[key] = value
+    if "backing_file" in opts or "backing_fmt" in opts:
+        plan.backing = (opts.get("backing_file"), opts.get("backing_fmt"))
+    return plan
+
+
+def _refuse(plan: Plan, disk) -> None:
+    """qemu-img's refusals that come after some changes in QEMU (it would leave the image half
+    amended): all of them are found here, before anything changes."""
+    w = disk.writer
+    h = w.header
+    if plan.encrypt:
+        raise CommandError(f"{next(iter(plan.encrypt))}: amending encryption is not supported "
+                           f"yet")
+    if plan.refcount_order != h.refcount_order:
+        if plan.version < 3 and plan.refcount_order != 4:
+            raise CommandError("Refcount widths other than 16 bits require compatibility "
+                               "level 1.1 or above (use compat=1.1 or greater)")
+        from qcowfs.image.refcount_order import refusal
+        why = refusal(w, plan.refcount_order)
+        if why:
+            raise CommandError(why)
+    if plan.backing is not None and plan.backing != (h.backing_file, h.backing_format):
+        raise CommandError("Cannot amend the backing file (you can use 'qcowfs rebase' "
+                           "instead)")
+    if plan.lazy and not h.lazy_refcounts and plan.version < 3:
+        raise CommandError("Lazy refcounts only supported with compatibility level 1.1 and "
+                           "above (use compat=1.1 or greater)")
+    if plan.version < h.version:
+        from qcowfs.image.compat import downgrade_refusal
+        why = downgrade_refusal(w, refcount_order=plan.refcount_order,
+                                size=plan.size if plan.size is not None else disk.size)
+        if why:
+            raise CommandError(why)
+
+
+# --- the changes, one function per option, in QEMU's order --------------------------------
+
+
+def _upgrade(plan: Plan, disk) -> None:
+    if plan.version > disk.writer.header.version:
+        from qcowfs.image.compat import upgrade
+        upgrade(disk.writer)
+
+
+def _refcount_bits(plan: Plan, disk) -> None:
+    if plan.refcount_order != disk.writer.header.refcount_order:
+        from qcowfs.image.refcount_order import change_refcount_order
+        change_refcount_order(disk.writer, plan.refcount_order)
+
+
+def _data_file(plan: Plan, disk) -> None:
+    from qcowfs.image.amend import set_data_file
+    set_data_file(disk.writer, plan.data_file, plan.data_file_raw)
+
+
+def _lazy_refcounts(plan: Plan, disk) -> None:
+    if plan.lazy != disk.writer.header.lazy_refcounts:
+        from qcowfs.image.amend import set_lazy_refcounts
+        set_lazy_refcounts(disk.writer, plan.lazy)
+
+
+def _size(plan: Plan, disk) -> None:
+    if plan.size is not None and plan.size != disk.size:
+        disk.resize(plan.size, shrink=plan.size < disk.size)
+
+
+def _downgrade(plan: Plan, disk) -> None:
+    if plan.version < disk.writer.header.version:
+        from qcowfs.image.compat import downgrade
+        downgrade(disk.writer)
+
+
+#: upgrade first (later options may need v3), downgrade last (after what v2 cannot hold is
+#: gone); the backing file is only ever checked (``_refuse``)
+STEPS = (_upgrade, _refcount_bits, _data_file, _lazy_refcounts, _size, _downgrade)

@@ -177,9 +177,15 @@ def run(args: argparse.Namespace) -> int:
         options = None
         if args.out_format == "qcow2":
             options = qcow_options(opts, args.dest, view.size, args.secrets)
-            if options.data_file or options.preallocation != "off":
-                raise CommandError(f"{args.dest}: data_file and preallocation are not "
-                                   f"supported for convert output")
+            if args.compress and options.preallocation != "off":
+                raise CommandError("Compression and preallocation not supported at the same "
+                                   "time")
+            if args.compress and options.data_file:
+                raise CommandError(f"{args.dest}: compression needs the data inside the "
+                                   f"image (qemu-img fails with 'Operation not supported')")
+            if args.backing and (options.data_file or options.preallocation != "off"):
+                raise CommandError(f"{args.dest}: a backing file (-B) with data_file or "
+                                   f"preallocation is not supported")
             if args.backing:
                 bpath = backing_path(args.dest, args.backing)
                 bfmt = args.backing_format or probe_format(bpath)
@@ -194,14 +200,16 @@ def run(args: argparse.Namespace) -> int:
         copied = _bitmaps_to_copy(args, src, options) if args.bitmaps else None
         refuse_if_in_use(args.dest)
         show = args.progress and not args.quiet
+        sparse = args.sparse_size or engine.SPARSE_BLOCK
         with progress_bar(show, view.size, "convert") as step:
             if options is None:
-                engine.to_raw(view, args.dest, step)
-            elif options.encrypt_format:
-                engine.to_encrypted_qcow2(view, args.dest, options, step)
+                engine.to_raw(view, args.dest, step, sparse=sparse)
+            elif (options.encrypt_format or options.data_file
+                  or options.preallocation != "off"):
+                engine.to_qcow2_in_place(view, args.dest, options, step, sparse=sparse)
             else:
                 engine.to_qcow2(view, args.dest, options, compress=args.compress,
-                                backing=backing, progress=step)
+                                backing=backing, progress=step, sparse=sparse)
         if copied:
             _store_bitmaps(args.dest, copied)
     finally:

@@ -46,7 +46,8 @@ OPTION_HELP = {
                                     "favor of encrypt.format=aes)"),
     "extended_l2": ("bool (on/off)", "Extended L2 tables"),
     "lazy_refcounts": ("bool (on/off)", "Postpone refcount updates"),
-    "preallocation": ("str", "Preallocation mode (allowed values: off, metadata)"),
+    "preallocation": ("str", "Preallocation mode (allowed values: off, metadata, falloc, "
+                             "full)"),
     "refcount_bits": ("num", "Width of a reference count entry in bits"),
     "size": ("size", "Virtual disk size"),
 }
@@ -58,7 +59,7 @@ def register(sub) -> None:
                                    "(-o): cluster_size, compat (0.10|v2|1.1|v3), "
                                    "refcount_bits, lazy_refcounts, extended_l2, "
                                    "compression_type (zlib|zstd), data_file, data_file_raw, "
-                                   "preallocation (off|metadata).")
+                                   "preallocation (off|metadata|falloc|full).")
     p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default="raw",
                    help="image format (default: raw, as qemu-img)")
     p.add_argument("-b", dest="backing", help="backing file (relative to the new image's "

@@ -23,7 +23,8 @@ def set_backing_file(image: Qcow2Image, name: str | None, fmt: str | None) -> No
 
 def write_header(image: Qcow2Image, new: hdr.Header) -> None:
     """Replace the header, its extensions and the backing name with ``new``: one write inside
-    cluster 0, then synced, so a reader sees the old header or the new one."""
+    cluster 0, then synced, so a reader sees the old header or the new one. The image's header
+    object takes the new values in place (a writer and its refcounts hold that object)."""
     old = image.header
     try:
         data = hdr.serialize_header(new)
@@ -35,4 +36,4 @@ def write_header(image: Qcow2Image, new: hdr.Header) -> None:
     old_end = min(old_end, old.cluster_size)  # the header lives in cluster 0
     image.file.write(0, data.ljust(old_end, b"\0"))
     image.file.sync()
-    image.header = new
+    vars(old).update(vars(new))

@@ -68,6 +68,8 @@ class CheckResult:
     #: the check stopped early (qemu-img then prints no report, only "Check failed")
     aborted: str | None = None
     messages: list[str] = field(default_factory=list)
+    #: clusters a leak repair set to refcount 0 (their host space is given back)
+    freed: list[int] = field(default_factory=list)
 
     @property
     def fixed_anything(self) -> bool:
@@ -202,6 +204,7 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
         nb = _cluster_count(refs, tally)
         highest, _ = _compare(refs, tally, nb, FIX_LEAKS, scratch)
         refs.flush(_Guard(image, refs))
+        _punch(image, scratch.freed)
         if res.corruptions < old[0]:
             res.corruptions_fixed += old[0] - res.corruptions
         if res.leaks < old[1]:
@@ -217,6 +220,7 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
             res.corruptions, res.leaks = before
             highest, _ = _compare(refs, tally, nb, fix, res)
             refs.flush(_Guard(image, refs))
+            _punch(image, res.freed)
     _check_copied(image, refs, res, fix)
     if rewrite_snapshots and not res.check_errors:
         highest = max(highest, _rewrite_snapshot_table(image))
@@ -447,6 +451,8 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
         if fixed and refs.set(i, want):
             if fixed == "leaks":
                 res.leaks_fixed += 1
+                if want == 0:
+                    res.freed.append(i)
             else:
                 res.corruptions_fixed += 1
             continue
@@ -455,6 +461,23 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
         else:
             res.leaks += 1
     return highest, rebuild
+
+
+def _punch(image: Qcow2Image, clusters: list[int]) -> None:
+    """Give back the host space of clusters a repair freed (their refcount 0 is durable),
+    where they lie inside the file, as QEMU discards them: one hole per run."""
+    cs = image.cluster_size
+    size = image.file.size
+    runs: list[list[int]] = []
+    for c in sorted(clusters):
+        if c == 0 or c * cs >= size:
+            continue
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    for first, end in runs:
+        image.file.punch_hole(first * cs, min(end * cs, size) - first * cs)
 
 
 def _blocks_that_differ(refs: OnDiskRefcounts, tally: Tally, nb: int) -> tuple[list[int], int]:

@@ -10,11 +10,12 @@ cluster after it, as QEMU places it. The same bytes land in the same places, so 
 
 from __future__ import annotations
 
+import errno
 import os
 from array import array
 from dataclasses import dataclass, field
 
-from qcowfs.errors import FormatError, HostIOError, ImageError, UnsupportedError
+from qcowfs.errors import FormatError, HostIOError, ImageError
 from qcowfs.format import header as hdr
 from qcowfs.format.tables import (
     COPIED,
@@ -56,6 +57,11 @@ class QcowOptions:
     encrypt_luks: dict = field(default_factory=dict)
 
 
+#: off; metadata (every L2 table and data cluster allocated); falloc (and the data clusters'
+#: host space allocated with fallocate); full (and zeros written there)
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+
+
 def round_size(size: int) -> int:
     """Virtual sizes are whole 512-byte sectors (qemu-img rounds up)."""
     return (size + SECTOR - 1) // SECTOR * SECTOR
@@ -92,9 +98,8 @@ def validate(path: str, o: QcowOptions) -> None:
                  "16384 bytes")
     if o.data_file_raw and not o.data_file:
         raise no("data-file-raw requires data-file")
-    if o.preallocation not in ("off", "metadata"):
-        raise UnsupportedError(path, f"preallocation mode '{o.preallocation}' is not supported "
-                                     f"(use off or metadata)")
+    if o.preallocation not in PREALLOCATION_MODES:
+        raise no(f"Parameter 'preallocation' does not accept value '{o.preallocation}'")
     if o.backing_file and o.preallocation != "off" and not o.extended_l2:
         raise no("Backing file and preallocation can only be used at the same time if "
                  "extended_l2 is on")
@@ -131,6 +136,7 @@ class _Layout:
         self.refblocks: dict[int, int] = {0: table_clusters + 1}  # table index -> cluster
         self.free_index = table_clusters + 2
         self.crypto_cluster = 0
+        self.data_runs: list[tuple[int, int]] = []
 
     def _find(self, n: int) -> int:
         start = self.free_index
@@ -179,7 +185,7 @@ def _plan(o: QcowOptions, size: int, l1_size: int, refcount_order: int, table_cl
           ) -> tuple[_Layout, int, array, list[tuple[int, array]], int]:
     """Where every cluster goes: (layout, L1 cluster, L1, [(L2 cluster, L2)], end of the
     last data cluster); ``layout.crypto_cluster`` is where a LUKS area of ``crypto_bytes``
-    starts."""
+    starts, ``layout.data_runs`` the (first cluster, count) runs of data clusters."""
     cs = o.cluster_size
     layout = _Layout(cs, refcount_order, table_clusters)
     l1_cluster = layout.alloc(-(-l1_size * 8 // cs)) if l1_size else 0
@@ -201,6 +207,7 @@ def _plan(o: QcowOptions, size: int, l1_size: int, refcount_order: int, table_cl
                 hosts = [(first + j) * cs for j in range(count)]
             else:
                 data = layout.alloc(count)
+                layout.data_runs.append((data, count))
                 hosts = [(data + j) * cs for j in range(count)]
                 last_data_end = (data + count) * cs
             for j, host in enumerate(hosts):
@@ -217,7 +224,7 @@ def create_qcow2(path: str, o: QcowOptions) -> None:
     cs = o.cluster_size
     cluster_bits = cs.bit_length() - 1
     refcount_order = o.refcount_bits.bit_length() - 1
-    prealloc = o.preallocation == "metadata" or o.data_file_raw
+    prealloc = o.preallocation != "off" or o.data_file_raw
     l1_size = hdr.l1_entries_needed(size, cluster_bits, o.extended_l2)
     luks_area = b""
     if o.encrypt_format == "luks":
@@ -271,6 +278,15 @@ def create_qcow2(path: str, o: QcowOptions) -> None:
         data_path = o.data_file if os.path.isabs(o.data_file) else os.path.join(
             os.path.dirname(path) or ".", o.data_file)
         create_raw(data_path, size)
+        if prealloc:
+            # QEMU's preallocation maps every guest cluster: the data file ends on a whole
+            # (sub)cluster (and is not preallocated itself, whatever the mode)
+            unit = cs // 32 if o.extended_l2 else cs
+            d = HostFile(data_path, writable=True)
+            try:
+                d.truncate(-(-size // unit) * unit)
+            finally:
+                d.close()
 
     f = _create_file(path)
     try:
@@ -291,16 +307,41 @@ def create_qcow2(path: str, o: QcowOptions) -> None:
         if last_data_end > f.size:
             # The file ends with the (sub)cluster holding the last guest byte; QEMU zeroes
             # the rest of that (sub)cluster past the guest's end.
-            sub = cs // 32 if o.extended_l2 else cs
+            sub = cs // 32 if o.extended_l2 and o.preallocation == "metadata" else cs
             used = size - (-(-size // cs) - 1) * cs
             last_host = last_data_end - cs
             host_end = last_host + -(-used // sub) * sub
             if host_end > last_host + used:
                 f.write(last_host + used, bytes(host_end - last_host - used))
             f.truncate(max(f.size, host_end))
+        if o.preallocation in ("falloc", "full") and not o.data_file:
+            for first, count in layout.data_runs:
+                start = first * cs
+                _preallocate(f, start, min(start + count * cs, f.size) - start, o.preallocation)
         f.sync()
     finally:
         f.close()
+
+
+def _preallocate(f: HostFile, offset: int, length: int, mode: str) -> None:
+    """Host space for ``[offset, offset + length)``: allocated (falloc) or written with zeros
+    (full), as QEMU preallocates the data clusters."""
+    if length <= 0:
+        return
+    if mode == "falloc":
+        try:
+            os.posix_fallocate(f.fd, offset, length)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise HostIOError.from_oserror(f.path, exc, "preallocation failed") from None
+        # a file system without fallocate: zeros, as QEMU's fallback writes them
+    chunk = bytes(min(length, 1 << 20))
+    pos = offset
+    while pos < offset + length:
+        n = min(len(chunk), offset + length - pos)
+        f.write(pos, memoryview(chunk)[:n])
+        pos += n
 
 
 def create_raw(path: str, size: int) -> None:

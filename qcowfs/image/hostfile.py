@@ -12,6 +12,29 @@ from qcowfs.errors import FormatError, HostIOError, UnsupportedError
 MAX_FILE_OFFSET = 1 << 63
 
 
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02
+_fallocate = None
+
+
+def _libc_fallocate():
+    """libc's fallocate(2) wrapper (os has no mode argument), or None where there is none."""
+    global _fallocate
+    if _fallocate is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.fallocate64 if hasattr(libc, "fallocate64") else libc.fallocate
+        except (OSError, AttributeError):
+            _fallocate = False
+            return None
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _fallocate = fn
+    return _fallocate or None
+
+
 class HostFile:
     """An open file descriptor with exact positional reads and writes.
 
@@ -153,6 +176,18 @@ class HostFile:
         except OSError as exc:
             raise HostIOError.from_oserror(self.path, exc, f"truncate to {size} failed") from None
         self._size = size
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Give the host space of ``[offset, offset + length)`` back (the range then reads as
+        zeros; the size stays), as QEMU discards freed clusters. Best effort, as in QEMU: a
+        file system that cannot punch holes, or a block device, keeps its space. Returns
+        whether the hole was punched."""
+        if self.is_block_device or length <= 0:
+            return False
+        fallocate = _libc_fallocate()
+        if fallocate is None:
+            return False
+        return fallocate(self.fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length) == 0
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -45,8 +45,7 @@ class SequentialQcow2Writer:
         if options.data_file:
             raise ImageError(path, "writing into an external data file is not supported here")
         self.path = path
-        self.partial = os.path.join(os.path.dirname(path) or ".",
-                                    f".{os.path.basename(path)}.partial-{os.getpid()}")
+        self.partial = partial_name(path)
         create_qcow2(self.partial,
                      QcowOptions(**{**options.__dict__, "preallocation": "off"}))
         try:
@@ -146,11 +145,7 @@ class SequentialQcow2Writer:
         img.l2_cache.clear()
         self._write_refcounts()
         self.close()
-        try:
-            os.replace(self.partial, self.path)
-            _sync_dir(os.path.dirname(self.path) or ".")
-        except OSError as exc:
-            raise HostIOError.from_oserror(self.path, exc, "cannot rename the output") from None
+        publish(self.partial, self.path)
         self._done = True
 
     def _write_refcounts(self) -> None:
@@ -189,6 +184,21 @@ class SequentialQcow2Writer:
         self.close()
         if not self._done:
             _unlink(self.partial)
+
+
+def partial_name(path: str) -> str:
+    """The temporary name an output is built under, next to ``path``."""
+    return os.path.join(os.path.dirname(path) or ".",
+                        f".{os.path.basename(path)}.partial-{os.getpid()}")
+
+
+def publish(partial: str, path: str) -> None:
+    """Rename the finished (durable) ``partial`` over ``path``, durably."""
+    try:
+        os.replace(partial, path)
+        _sync_dir(os.path.dirname(path) or ".")
+    except OSError as exc:
+        raise HostIOError.from_oserror(path, exc, "cannot rename the output") from None
 
 
 def _unlink(path: str) -> None:

@@ -246,6 +246,14 @@ class Qcow2Writer:
             self.full_flush()
             self._set_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
 
+    def reload_refcounts(self) -> None:
+        """The header names new refcount structures (another width, another table): read
+        them afresh; nothing may be waiting in the old cache."""
+        assert not self.refs.has_dirty, "refcount changes would be lost"
+        self.refs = Refcounts(self.file, self.header)
+        self.refs.on_metadata = self.metadata_changed
+        self.refs.on_freed = self._cluster_freed
+
     # --- metadata overlap -----------------------------------------------------------------
 
     def rebuild_metadata_set(self) -> None:
