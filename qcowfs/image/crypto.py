@@ -30,12 +30,23 @@ _BLOCKS = SECTOR // 16
 _U64 = np.dtype("<u8")
 
 
+def _cast5(key: bytes):
+    try:  # cryptography 43 moved CAST5 to its "decrepit" package
+        from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5
+    except ImportError:  # pragma: no cover - older cryptography
+        CAST5 = algorithms.CAST5
+    return CAST5(key)
+
+
 def _block_cipher(name: str, key: bytes):
     if name == "aes":
         return algorithms.AES(key)
     if name == "sm4" and hasattr(algorithms, "SM4"):
         return algorithms.SM4(key)
-    raise UnsupportedError(None, f"cipher {name!r} is not available in this build")
+    if name == "cast5":
+        return _cast5(key)
+    raise UnsupportedError(None, f"LUKS cipher {name}-{len(key) * 8} is not supported: the "
+                                 f"cryptography library has no {name}")
 
 
 def _ecb(name: str, key: bytes):
@@ -43,14 +54,16 @@ def _ecb(name: str, key: bytes):
     return c.encryptor(), c.decryptor()
 
 
-def _essiv_cipher_key_size(name: str, key_size: int, digest: int) -> int:
-    """dm-crypt's ESSIV quirk, which QEMU follows: the IV cipher takes the hash's digest size
-    as its key size when the cipher offers one that long."""
-    if digest == key_size:
-        return key_size
-    if name == "aes" and digest in (16, 24, 32):
-        return digest
-    raise UnsupportedError(None, f"no {name} cipher with a {digest}-byte key for essiv")
+def _essiv_key(name: str, digest: bytes) -> bytes:
+    """The key of the ESSIV cipher, QEMU's rule: the same cipher family keyed with the whole
+    digest (AES-256 for sha256), refused where the family has no key that long; CAST5 and
+    SM4 never take essiv."""
+    if name in ("cast5", "sm4"):
+        raise UnsupportedError(None, f"cipher {name} is not supported with essiv")
+    if len(digest) not in luks.CIPHER_KEY_SIZES[name]:
+        raise UnsupportedError(None, f"no {name} cipher with a {len(digest)}-byte key for "
+                                     f"essiv")
+    return digest
 
 
 _J = np.arange(1, _BLOCKS, dtype=_U64)
@@ -72,8 +85,9 @@ def _tweak_table(t0: np.ndarray) -> np.ndarray:
 
 
 class SectorCipher:
-    """One key with its mode and IV generator; ``encrypt``/``decrypt`` take whole 16-byte
-    blocks starting at a sector boundary, with ``sector`` the number of the first sector."""
+    """One key with its mode and IV generator; ``encrypt``/``decrypt`` take whole cipher
+    blocks (16 bytes, 8 for CAST5) starting at a sector boundary, with ``sector`` the number
+    of the first sector. Arrays are (sectors, blocks per sector, 64-bit lanes per block)."""
 
     def __init__(self, cipher: str, mode: str, ivgen: str, ivgen_hash: str | None, key: bytes):
         if mode not in ("xts", "cbc", "ecb"):
@@ -82,23 +96,27 @@ class SectorCipher:
         self.ivgen = ivgen
         data_key = key[:len(key) // 2] if mode == "xts" else key
         self._enc, self._dec = _ecb(cipher, data_key)
+        self.block = _block_cipher(cipher, data_key).block_size // 8
+        self._lanes = self.block // 8
+        self._blocks = SECTOR // self.block
         if mode == "xts":
+            if self.block != 16:
+                raise UnsupportedError(None, f"xts needs a 16-byte block cipher, not {cipher}")
             self._tweak_enc, _ = _ecb(cipher, key[len(key) // 2:])
         self._essiv = None
         if ivgen == "essiv":
             digest = hashlib.new(ivgen_hash, key).digest()
-            size = _essiv_cipher_key_size(cipher, len(data_key), len(digest))
-            self._essiv, _ = _ecb(cipher, digest[:size])
+            self._essiv, _ = _ecb(cipher, _essiv_key(cipher, digest))
         elif ivgen not in ("plain", "plain64") and mode != "ecb":
             raise UnsupportedError(None, f"IV generator {ivgen!r} is not supported")
 
     def _ivs(self, sector: int, count: int) -> np.ndarray:
-        iv = np.zeros((count, 2), _U64)
+        iv = np.zeros((count, self._lanes), _U64)
         iv[:, 0] = np.arange(sector, sector + count, dtype=_U64)
         if self.ivgen == "plain":
             iv[:, 0] &= np.uint64(0xFFFFFFFF)
         elif self._essiv is not None:
-            iv = np.frombuffer(self._essiv.update(iv.tobytes()), _U64).reshape(count, 2)
+            iv = np.frombuffer(self._essiv.update(iv.tobytes()), _U64).reshape(iv.shape)
         return iv
 
     def _tweaks(self, sector: int, count: int) -> np.ndarray:
@@ -108,12 +126,12 @@ class SectorCipher:
 
     def _shaped(self, data) -> tuple[np.ndarray, int, int]:
         n = len(data)
-        if n % 16:
-            raise ValueError("encrypted data must be whole 16-byte blocks")
+        if n % self.block:
+            raise ValueError("encrypted data must be whole cipher blocks")
         count = -(-n // SECTOR)
         arr = np.zeros(count * SECTOR, np.uint8)
         arr[:n] = np.frombuffer(data, np.uint8)
-        return arr.view(_U64).reshape(count, _BLOCKS, 2), count, n
+        return arr.view(_U64).reshape(count, self._blocks, self._lanes), count, n
 
     def decrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
@@ -139,9 +157,9 @@ class SectorCipher:
             return (out.reshape(t.shape) ^ t).tobytes()[:n]
         out = np.empty_like(arr)
         prev = self._ivs(sector, count)
-        for j in range(_BLOCKS):
+        for j in range(self._blocks):
             block = np.frombuffer(self._enc.update((arr[:, j, :] ^ prev).tobytes()), _U64)
-            prev = block.reshape(count, 2)
+            prev = block.reshape(count, self._lanes)
             out[:, j, :] = prev
         return out.tobytes()[:n]
 
@@ -232,8 +250,11 @@ def new_luks_area(password: bytes, *, cipher_alg: str = "aes-256", cipher_mode: 
     Returns the whole encryption area (its length is the payload offset)."""
     name, _, bits = cipher_alg.partition("-")
     sizes = luks.CIPHER_KEY_SIZES.get(name)
-    if sizes is None or name not in ("aes", "sm4"):
+    if sizes is None or name == "sm4":  # qemu-img 7.2 does not offer sm4
         raise UnsupportedError(None, f"cipher {cipher_alg!r} is not supported")
+    if name not in ("aes", "cast5"):
+        raise UnsupportedError(None, f"LUKS cipher {cipher_alg} is not supported: the "
+                                     f"cryptography library has no {name}")
     key_size = int(bits) // 8 if bits.isdigit() else sizes[0]
     if key_size not in sizes:
         raise UnsupportedError(None, f"cipher {cipher_alg!r} is not supported")
