@@ -7,7 +7,9 @@ import argparse
 from qcowfs.chain.disk import open_image
 from qcowfs.image.qcow2 import Qcow2Image
 
+from .amend_keyslots import key_slot_change
 from .common import parse_bool, parse_options, parse_size
+from .imageopts import add_image_source
 from .main import CommandError
 
 #: what ``-o help`` lists, in qemu-img 7.2's order and words
@@ -45,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.add_argument("--force", action="store_true", help="allow unsafe changes")
     p.add_argument("file", nargs="?")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
@@ -67,13 +70,18 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"Invalid parameter '{key}'")
     if "lazy_refcounts" in opts:
         lazy = parse_bool("lazy_refcounts", opts["lazy_refcounts"])
-    disk = open_image(args.file, writable=True, format=args.format)
+    slots = key_slot_change(opts, args.secrets)
+    disk = open_image(args.file, writable=True, format=args.format, keys=args.keys.get("file"))
     try:
         top = disk.top
         if not isinstance(top, Qcow2Image):
             raise CommandError("Format driver 'raw' does not support option amendment")
         h = top.header
         _refuse_changes(opts, h)
+        if slots is not None:
+            from qcowfs.image.luks_slots import amend_key_slots
+
+            amend_key_slots(top, slots, args.force)
         if "lazy_refcounts" in opts:
             if lazy and h.version < 3:
                 raise CommandError("Lazy refcounts only supported with compatibility level "

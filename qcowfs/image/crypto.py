@@ -166,12 +166,15 @@ class SectorCipher:
 
 class ImageCrypto:
     """What an open encrypted image needs for its data: the cipher and whether IVs count host
-    sectors (LUKS) or guest sectors (legacy AES)."""
+    sectors (LUKS) or guest sectors (legacy AES); for LUKS also the master key, which adding
+    a key slot needs."""
 
-    def __init__(self, cipher: SectorCipher, physical: bool, header: luks.LuksHeader | None):
+    def __init__(self, cipher: SectorCipher, physical: bool, header: luks.LuksHeader | None,
+                 master_key: bytes | None = None):
         self.cipher = cipher
         self.physical = physical
         self.luks = header
+        self.master_key = master_key
 
     def decrypt(self, data, host: int, guest: int) -> bytes:
         return self.cipher.decrypt(data, (host if self.physical else guest) // SECTOR)
@@ -201,22 +204,32 @@ def slot_cipher(header: luks.LuksHeader, key: bytes) -> SectorCipher:
     return SectorCipher(header.cipher_name, header.mode, header.ivgen, header.ivgen_hash, key)
 
 
-def unlock_luks(read: Callable[[int, int], bytes], area: int, password: bytes) -> ImageCrypto:
-    """Try each active key slot with ``password``: PBKDF2 gives the slot key, which decrypts
-    the slot's AF stripes; their merge is the master key when its PBKDF2 digest matches."""
-    header = read_luks_header(read, area)
+def slot_master_key(read: Callable[[int, int], bytes], header: luks.LuksHeader, index: int,
+                    password: bytes) -> bytes | None:
+    """The master key key slot ``index`` holds under ``password``, or None (an inactive slot
+    or another password): PBKDF2 gives the slot key, which decrypts the slot's AF stripes;
+    their merge is the master key when its PBKDF2 digest matches the header's."""
+    slot = header.slots[index]
+    if not slot.enabled:
+        return None
     kb = header.key_bytes
-    for slot in header.slots:
-        if not slot.enabled:
-            continue
-        slot_key = luks.pbkdf2(header.hash_spec, password, slot.salt, slot.iterations, kb)
-        material = read(slot.key_offset * SECTOR, kb * slot.stripes)
-        plain = slot_cipher(header, slot_key).decrypt(material, 0)
-        master = luks.af_merge(plain, kb, slot.stripes, header.hash_spec)
-        digest = luks.pbkdf2(header.hash_spec, master, header.mk_digest_salt,
-                             header.mk_digest_iter, luks.DIGEST_LEN)
-        if digest == header.mk_digest:
-            return ImageCrypto(slot_cipher(header, master), True, header)
+    slot_key = luks.pbkdf2(header.hash_spec, password, slot.salt, slot.iterations, kb)
+    material = read(slot.key_offset * SECTOR, kb * slot.stripes)
+    plain = slot_cipher(header, slot_key).decrypt(material, 0)
+    master = luks.af_merge(plain, kb, slot.stripes, header.hash_spec)
+    digest = luks.pbkdf2(header.hash_spec, master, header.mk_digest_salt,
+                         header.mk_digest_iter, luks.DIGEST_LEN)
+    return master if digest == header.mk_digest else None
+
+
+def unlock_luks(read: Callable[[int, int], bytes], area: int, password: bytes) -> ImageCrypto:
+    """Try each active key slot with ``password``; the first that yields the master key
+    unlocks the data cipher."""
+    header = read_luks_header(read, area)
+    for i in range(luks.NUM_SLOTS):
+        master = slot_master_key(read, header, i, password)
+        if master is not None:
+            return ImageCrypto(slot_cipher(header, master), True, header, master)
     raise InvalidKeyError(None, "invalid password")
 
 
@@ -285,18 +298,28 @@ def new_luks_area(password: bytes, *, cipher_alg: str = "aes-256", cipher_mode: 
         [luks.KeySlot(luks.SLOT_DISABLED, 0, bytes(luks.SALT_LEN), first + i * stride,
                       luks.STRIPES) for i in range(luks.NUM_SLOTS)])
     luks.validate(header, header.payload_offset * SECTOR)
-    slot = header.slots[0]
-    slot.active = luks.SLOT_ENABLED
-    slot.salt = random_bytes(luks.SALT_LEN)
-    slot.iterations = max(MIN_ITERATIONS,
-                          int(_iterations_per_second(hash_alg, password) * iter_time_ms / 1000))
-    slot_key = luks.pbkdf2(hash_alg, password, slot.salt, slot.iterations, key_bytes)
-    stripes = luks.af_split(master, luks.STRIPES, hash_alg,
-                            random_bytes(key_bytes * (luks.STRIPES - 1)))
-    material = slot_cipher(header, slot_key).encrypt(stripes, 0)
+    material = fill_key_slot(header, 0, master, password, iter_time_ms)
     area = bytearray(header.payload_offset * SECTOR)
     packed = luks.pack_header(header)
     area[:len(packed)] = packed
-    start = slot.key_offset * SECTOR
+    start = header.slots[0].key_offset * SECTOR
     area[start:start + len(material)] = material
     return bytes(area)
+
+
+def fill_key_slot(header: luks.LuksHeader, index: int, master: bytes, password: bytes,
+                  iter_time_ms: int) -> bytes:
+    """Make key slot ``index`` of ``header`` hold ``master`` under ``password`` (new salt,
+    PBKDF2 rounds timed to ``iter_time_ms``, at least 1000, as QEMU times them) and return
+    the slot's key material, to be written at its key offset before the header is."""
+    slot = header.slots[index]
+    slot.active = luks.SLOT_ENABLED
+    slot.salt = random_bytes(luks.SALT_LEN)
+    slot.stripes = luks.STRIPES
+    rate = _iterations_per_second(header.hash_spec, password)
+    slot.iterations = max(MIN_ITERATIONS, int(rate * iter_time_ms / 1000))
+    kb = header.key_bytes
+    slot_key = luks.pbkdf2(header.hash_spec, password, slot.salt, slot.iterations, kb)
+    stripes = luks.af_split(master, slot.stripes, header.hash_spec,
+                            random_bytes(kb * (slot.stripes - 1)))
+    return slot_cipher(header, slot_key).encrypt(stripes, 0)
