@@ -115,7 +115,7 @@ def fuse_daemon(argv: list, mountpoint: Path, name: str, stop):
 def qemu_export(image: Path, target: Path, writable: bool, key_file: Path | None = None):
     target.touch()
     secret = ["--object", f"secret,id=key,file={key_file}"] if key_file else []
-    encrypt = ",encrypt.key-secret=key" if key_file else ""
+    encrypt = ",encrypt.format=luks,encrypt.key-secret=key" if key_file else ""
     argv = ["qemu-storage-daemon", *secret,
             "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
             "--blockdev", f"driver=qcow2,node-name=qcow2,file=file{encrypt}",
