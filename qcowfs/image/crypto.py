@@ -68,20 +68,35 @@ def _essiv_key(name: str, digest: bytes) -> bytes:
 
 _J = np.arange(1, _BLOCKS, dtype=_U64)
 _RJ = np.uint64(64) - _J
-_ONE, _TWO, _SEVEN = np.uint64(1), np.uint64(2), np.uint64(7)
+_ONE, _FIVE = np.uint64(1), np.uint64(5)
+#: XTS and CBC decryption work through a run this many sectors at a time (128 KiB): their
+#: temporaries then stay in the CPU cache, which makes a 1 MiB run about twice as fast
+_CHUNK = 256
 
 
 def _tweak_table(t0: np.ndarray) -> np.ndarray:
     """Each sector's first tweak times x^j in XTS's GF(2^128) for j = 0..31, all at once:
     lanes are (lo, hi) little-endian halves; x^j is a shift by j, and the j bits shifted out
-    fold back times x^7 + x^2 + x + 1 (they stay below bit 38, so one fold is enough)."""
+    fold back times x^7 + x^2 + x + 1 (they stay below bit 38, so one fold is enough). The
+    arithmetic runs on contiguous (sectors, 31) arrays, in place where it can."""
     lo, hi = t0[:, 0:1], t0[:, 1:2]
     carry = hi >> _RJ
+    high = hi << _J
+    high |= lo >> _RJ
+    low = lo << _J
+    for shift in (None, _ONE, _ONE, _FIVE):  # carry times x^0, x^1, x^2, x^7
+        if shift is not None:
+            carry <<= shift
+        low ^= carry
     t = np.empty((len(t0), _BLOCKS, 2), _U64)
     t[:, 0, :] = t0
-    t[:, 1:, 1] = (hi << _J) | (lo >> _RJ)
-    t[:, 1:, 0] = (lo << _J) ^ carry ^ (carry << _ONE) ^ (carry << _TWO) ^ (carry << _SEVEN)
+    t[:, 1:, 0] = low
+    t[:, 1:, 1] = high
     return t
+
+
+def _bytes_of(arr: np.ndarray) -> memoryview:
+    return memoryview(arr).cast("B")
 
 
 class SectorCipher:
@@ -121,44 +136,61 @@ class SectorCipher:
 
     def _tweaks(self, sector: int, count: int) -> np.ndarray:
         """Every block's XTS tweak for ``count`` sectors, shape (count, 32, 2)."""
-        t0 = np.frombuffer(self._tweak_enc.update(self._ivs(sector, count).tobytes()), _U64)
+        t0 = np.frombuffer(self._tweak_enc.update(_bytes_of(self._ivs(sector, count))), _U64)
         return _tweak_table(t0.reshape(count, 2))
 
     def _shaped(self, data) -> tuple[np.ndarray, int, int]:
+        """``data`` as (sectors, blocks, lanes): without a copy when it is whole sectors."""
         n = len(data)
         if n % self.block:
             raise ValueError("encrypted data must be whole cipher blocks")
         count = -(-n // SECTOR)
-        arr = np.zeros(count * SECTOR, np.uint8)
-        arr[:n] = np.frombuffer(data, np.uint8)
+        if n == count * SECTOR:
+            arr = np.frombuffer(data, np.uint8)
+        else:
+            arr = np.zeros(count * SECTOR, np.uint8)
+            arr[:n] = np.frombuffer(data, np.uint8)
         return arr.view(_U64).reshape(count, self._blocks, self._lanes), count, n
+
+    def _xts(self, arr: np.ndarray, sector: int, ecb) -> np.ndarray:
+        """XTS over whole sectors: for each chunk of sectors, the tweaks, one XOR, one ECB
+        pass, one XOR into the output."""
+        count = len(arr)
+        out = np.empty_like(arr)
+        for first in range(0, count, _CHUNK):
+            part = arr[first:first + _CHUNK]
+            t = self._tweaks(sector + first, len(part))
+            t2 = part ^ t
+            done = np.frombuffer(ecb.update(_bytes_of(t2)), _U64).reshape(t.shape)
+            np.bitwise_xor(done, t, out=out[first:first + len(part)])
+        return out
 
     def decrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
             return self._dec.update(bytes(data))
         arr, count, n = self._shaped(data)
         if self.mode == "xts":
-            t = self._tweaks(sector, count)
-            plain = np.frombuffer(self._dec.update((arr ^ t).tobytes()), _U64)
-            return (plain.reshape(t.shape) ^ t).tobytes()[:n]
-        prev = np.empty_like(arr)
-        prev[:, 0, :] = self._ivs(sector, count)
-        prev[:, 1:, :] = arr[:, :-1, :]
-        plain = np.frombuffer(self._dec.update(arr.tobytes()), _U64).reshape(arr.shape)
-        return (plain ^ prev).tobytes()[:n]
+            return self._xts(arr, sector, self._dec).tobytes()[:n]
+        out = np.empty_like(arr)
+        for first in range(0, count, _CHUNK):
+            part = arr[first:first + _CHUNK]
+            prev = out[first:first + len(part)]
+            prev[:, 0, :] = self._ivs(sector + first, len(part))
+            prev[:, 1:, :] = part[:, :-1, :]
+            plain = np.frombuffer(self._dec.update(_bytes_of(part)), _U64)
+            np.bitwise_xor(plain.reshape(part.shape), prev, out=prev)
+        return out.tobytes()[:n]
 
     def encrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
             return self._enc.update(bytes(data))
         arr, count, n = self._shaped(data)
         if self.mode == "xts":
-            t = self._tweaks(sector, count)
-            out = np.frombuffer(self._enc.update((arr ^ t).tobytes()), _U64)
-            return (out.reshape(t.shape) ^ t).tobytes()[:n]
+            return self._xts(arr, sector, self._enc).tobytes()[:n]
         out = np.empty_like(arr)
         prev = self._ivs(sector, count)
         for j in range(self._blocks):
-            block = np.frombuffer(self._enc.update((arr[:, j, :] ^ prev).tobytes()), _U64)
+            block = np.frombuffer(self._enc.update(_bytes_of(arr[:, j, :] ^ prev)), _U64)
             prev = block.reshape(count, self._lanes)
             out[:, j, :] = prev
         return out.tobytes()[:n]
