@@ -115,7 +115,7 @@ def fuse_daemon(argv: list, mountpoint: Path, name: str, stop):
 def qemu_export(image: Path, target: Path, writable: bool, key_file: Path | None = None):
     target.touch()
     secret = ["--object", f"secret,id=key,file={key_file}"] if key_file else []
-    encrypt = ",encrypt.key-secret=key" if key_file else ""
+    encrypt = ",encrypt.format=luks,encrypt.key-secret=key" if key_file else ""
     argv = ["qemu-storage-daemon", *secret,
             "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
             "--blockdev", f"driver=qcow2,node-name=qcow2,file=file{encrypt}",
@@ -250,20 +250,27 @@ def make_luks_image(path: Path, key_file: Path) -> None:
         raise RuntimeError(made.stderr.strip())
 
 
+LUKS_SIDES = ("qcowfs", "qemu", "plain")
+
+
 def luks_jobs(d: Path) -> list[dict]:
     """The non-COW jobs on a LUKS image: qcowfs (``-o key_file=``) beside QEMU's FUSE export
-    of the same kind of image; rows are named "LUKS <job>" (BENCH_JOBS=LUKS runs only them)."""
+    of the same kind of image and beside qcowfs on an unencrypted image, all three mounted at
+    once and interleaved; rows are named "LUKS <job>" (BENCH_JOBS=LUKS runs only them)."""
     key_file = d / "luks.key"
     key_file.write_bytes(LUKS_KEY.encode())
-    img_q, img_e = d / "luks-qcowfs.qcow2", d / "luks-qemu.qcow2"
+    img_q, img_e, img_p = d / "luks-qcowfs.qcow2", d / "luks-qemu.qcow2", d / "luks-plain.qcow2"
     for img in (img_q, img_e):
         if not img.exists():
             make_luks_image(img, key_file)
+    if not img_p.exists():
+        make_image(img_p)
     results = []
     with qcowfs_mount(img_q, d / "mnt-luks", f"rw,key_file={key_file}") as q_disk, \
-            qemu_export(img_e, d / "luks-export", True, key_file) as e_disk:
-        targets = {"qcowfs": q_disk, "qemu": e_disk}
-        files = {"qcowfs": img_q, "qemu": img_e}
+            qemu_export(img_e, d / "luks-export", True, key_file) as e_disk, \
+            qcowfs_mount(img_p, d / "mnt-luks-plain", "rw") as p_disk:
+        targets = {"qcowfs": q_disk, "qemu": e_disk, "plain": p_disk}
+        files = {"qcowfs": img_q, "qemu": img_e, "plain": img_p}
         for name, rw, bs, engine, depth, cow in JOBS:
             label = f"LUKS {name}"
             if cow or (JOB_FILTER and JOB_FILTER not in label):
@@ -277,9 +284,47 @@ def luks_jobs(d: Path) -> list[dict]:
                     f"{side} {samples[side][-1]:9.0f}" for side in targets) + " IOPS",
                     flush=True)
             results.append({"job": label, "bs": bs,
-                            **{side: statistics.median(samples.get(side) or [0]) or None
-                               for side in SIDES}})
+                            **{side: statistics.median(samples[side]) for side in targets}})
     return results
+
+
+def luks_table(rows: list[dict]) -> str:
+    lines = ["| job | qcowfs LUKS IOPS | QEMU LUKS IOPS | qcowfs/QEMU (target >= 1.0) "
+             "| qcowfs unencrypted IOPS | LUKS/unencrypted (target >= 0.8) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        q, e, p = r["qcowfs"], r["qemu"], r["plain"]
+        lines.append(f"| {r['job']} | {q:,.0f} | {e:,.0f} | {q / e:.2f} | {p:,.0f} "
+                     f"| {q / p:.2f} |")
+    return "\n".join(lines)
+
+
+LUKS_HEADING = "## Encrypted images (LUKS)"
+
+
+def luks_section(rows: list[dict], when: str, mach: str, load: str) -> str:
+    return (f"{LUKS_HEADING}\n\n"
+            "The same fio jobs (O_DIRECT, same samples and medians) on a LUKS qcow2 "
+            "(qemu-img's defaults: aes-256-xts-plain64, `preallocation=full`): qcowfs mounted "
+            "with `-o key_file=`, QEMU's FUSE export of the same kind of image with "
+            "`--object secret`, and qcowfs on an unencrypted image of the same size, the three "
+            "mounted at once and interleaved, so the last column is what encryption costs "
+            "qcowfs. `BENCH_JOBS=LUKS make bench` measures only these rows and rewrites only "
+            f"this section.\n\nRun {when} on: {mach}; {load}.\n\n{luks_table(rows)}\n")
+
+
+def write_luks_section(doc: Path, section: str) -> None:
+    """Replace (or add, before the offline commands) this section of docs/performance.md."""
+    text = doc.read_text()
+    head, found, rest = text.partition(LUKS_HEADING)
+    if found:
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1:] if nxt >= 0 else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        head, found, rest = text.partition("## Offline commands")
+        text = head + section + "\n" + found + rest if found else text + "\n" + section
+    doc.write_text(text)
 
 
 BUFFERED_JOBS = [
@@ -489,12 +534,20 @@ def main() -> int:
         results = run_jobs(d) if fio_wanted else []
         read_back = run_jobs(d, writes_read_back=True) if fio_wanted else []
         thin = thin_rows(d)
-        results += luks_jobs(d)
+        luks = luks_jobs(d)
         if JOB_FILTER:
-            for rows, show in ((results, table), (read_back, table), (thin, thin_table)):
+            for rows, show in ((results, table), (read_back, table), (thin, thin_table),
+                               (luks, luks_table)):
                 if rows:
                     print()
                     print(show(rows))
+            if luks and "LUKS" in JOB_FILTER:
+                when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+                load = (f"load average {load_start:.1f} at the start, "
+                        f"{os.getloadavg()[0]:.1f} at the end")
+                doc = REPO / "docs" / "performance.md"
+                write_luks_section(doc, luks_section(luks, when, machine(), load))
+                print(f"\nwrote the LUKS section of {doc}")
             return 0
         dio = direct_io_comparison(d)
         big = big_image(d)
@@ -527,6 +580,8 @@ def main() -> int:
     print(thin_table(thin))
     print()
     print(dio_text)
+    print()
+    print(luks_table(luks))
     doc = REPO / "docs" / "performance.md"
     # make bench-cli's section stays as it is
     kept = doc.read_text().partition("## Offline commands: `make bench-cli`")
@@ -566,7 +621,8 @@ def main() -> int:
         "qcowfs's own FUSE direct I/O switch (`-o direct_io=on`, the default, against "
         "`direct_io=off`) for buffered I/O, same samples and medians; with `off` the kernel "
         "page cache serves repeated reads:\n\n"
-        f"{dio_text}\n\nWhere the time goes: see docs/mount.md, \"Performance\".\n"
+        f"{dio_text}\n\nWhere the time goes: see docs/mount.md, \"Performance\".\n\n"
+        f"{luks_section(luks, when, mach, load)}"
         f"{cli_section}")
     print(f"\nwrote {doc}")
     return 0

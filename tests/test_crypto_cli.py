@@ -154,3 +154,48 @@ def test_rebase_of_a_luks_overlay_keeps_the_guest_view(tmp_path: Path):
     assert res.code == 0, res.err
     assert q.to_raw_encrypted(top, tmp_path / "got.raw", [KEY]) == want
     assert q.check_encrypted(top, [KEY])[0] == 0
+
+
+def _wrong_key_cases(img: Path, out: Path) -> dict[str, list]:
+    """Each command given a wrong key for ``img`` (--image-opts), writing, if at all, to
+    ``out``."""
+    objects, opts = q.encrypted_opts(img, ["not the key"])
+    src = [*objects, "--image-opts"]
+    return {
+        "check": ["check", *src, opts],
+        "map": ["map", *src, opts],
+        "compare": ["compare", *src, opts, opts],
+        "convert": ["convert", "-O", "qcow2", *src, opts, out],
+        "commit": ["commit", *src, opts],
+        "rebase": ["rebase", "-b", "", *src, opts],
+        "rebase -u": ["rebase", "-u", "-b", "", *src, opts],
+        "resize": ["resize", *src, opts, "8M"],
+        "snapshot -c": ["snapshot", "-c", "s1", *src, opts],
+        "snapshot -l": ["snapshot", "-l", *src, opts],
+        "amend": ["amend", "-o", "lazy_refcounts=on", *src, opts],
+        "bitmap": ["bitmap", "--add", *src, opts, "b0"],
+        "measure": ["measure", "-O", "qcow2", *src, opts],
+        "dd": ["dd", *src, f"if={opts}", f"of={out}"],
+    }
+
+
+WRONG_KEY_COMMANDS = list(_wrong_key_cases(Path("x"), Path("y")))
+
+
+@pytest.mark.parametrize("command", WRONG_KEY_COMMANDS)
+def test_a_wrong_key_is_one_line_for_every_command_and_writes_nothing(
+        images, command: str, tmp_path: Path):
+    img = tmp_path / "luks.qcow2"
+    img.write_bytes(images["luks"].read_bytes())
+    before = img.read_bytes()
+    out = tmp_path / "out.img"
+    argv = _wrong_key_cases(img, out)[command]
+    res = qcowfs(*argv)
+    qemu = q.qemu_img(*[str(a) for a in argv], check=False)
+    assert b"Invalid password" in qemu.stderr, qemu.stderr
+    # exit 1 (compare's error code is 2, in qemu-img too)
+    assert res.code == qemu.returncode == (2 if command == "compare" else 1)
+    name = command.split()[0]
+    assert res.err == f"qcowfs: {name}: {img}: invalid password\n"
+    assert img.read_bytes() == before
+    assert not out.exists()

@@ -116,3 +116,56 @@ def test_mount_prompts_without_echo_on_a_terminal(luks: Path, tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_encrypted_chain_with_snapshots_in_the_foreground_never_shows_the_key(tmp_path: Path):
+    # A LUKS overlay (with an internal snapshot) on a LUKS base made with the same key, as a
+    # mount's one key_file serves: the disk, the snapshot and the layers read as QEMU reads
+    # them, and the key is in no argv, no log line (--debug traces every request), no
+    # /proc/mounts entry and no info file.
+    base = q.create_encrypted(tmp_path / "base.qcow2", 4 * MiB, KEY)
+    q.qemu_io_encrypted(base, [KEY], "write -P 0x11 0 4M")
+    top = q.create_encrypted(tmp_path / "top.qcow2", 4 * MiB, KEY, backing=base.name)
+    q.qemu_io_encrypted(top, [KEY, KEY], "write -P 0x22 1M 1M")
+    objects, opts = q.encrypted_opts(top, [KEY, KEY])
+    q.qemu_img("snapshot", *objects, "--image-opts", "-c", "snap1", opts)
+    q.qemu_io_encrypted(top, [KEY, KEY], "write -P 0x33 0 64k")
+    want = q.to_raw_encrypted(top, tmp_path / "want.raw", [KEY, KEY])
+    snap = tmp_path / "snap.raw"
+    q.qemu_img("convert", *objects, "--image-opts", "-l", "snapshot.name=snap1", "-O", "raw",
+               opts, str(snap))
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(KEY.encode())
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfs", "mount", "-f", "--debug", "-o",
+                             f"rw,key_file={keyfile}", str(top), str(mp)], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: is_mounted(mp), what="the mount")
+        assert (mp / "disk").read_bytes() == want
+        assert (mp / "snapshots" / "snap1" / "disk").read_bytes() == snap.read_bytes()
+        with open(mp / "disk", "r+b") as f:
+            f.seek(2 * MiB)
+            f.write(b"\x44" * 8192)
+        infos = [p.read_bytes() for p in mp.glob("*/*/info")]
+        assert len(infos) >= 3  # the snapshot's and both layers'
+        for text in infos:
+            assert KEY.encode() not in text
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert KEY.encode() not in f.read()
+        with open("/proc/mounts", "rb") as f:
+            assert KEY.encode() not in f.read()
+        assert qcowfs("umount", mp).returncode == 0
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert b"read(" in err and KEY.encode() not in out + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        force_unmount(mp)
+    got = q.to_raw_encrypted(top, tmp_path / "got.raw", [KEY, KEY])
+    assert got[2 * MiB:2 * MiB + 8192] == b"\x44" * 8192
+    assert got[:2 * MiB] == want[:2 * MiB]
+    assert q.check_encrypted(top, [KEY, KEY])[0] == 0

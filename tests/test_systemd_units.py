@@ -40,3 +40,22 @@ def test_units_verify_clean(tmp_path):
     p = subprocess.run([tool, "verify", *paths], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stderr.strip() == "", p.stderr
+
+
+def test_the_unit_documents_a_key_credential_that_reaches_key_file():
+    # The drop-in the unit's comments give, applied as systemd would: its Environment= sets
+    # KEY_OPTIONS (with %d, the credentials directory), ExecStart appends it to OPTIONS, and
+    # the mount options parse to key_file= inside that directory.
+    from qcowfs.mount.options import parse_options
+
+    text = (UNITS / "qcowfs@.service").read_text()
+    comments = [ln.lstrip("#").strip() for ln in text.splitlines() if ln.startswith("#")]
+    assert "LoadCredential=key:/etc/qcowfs/<instance>.key" in comments
+    env_line = next(c for c in comments if c.startswith("Environment=KEY_OPTIONS="))
+    exec_line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    assert "-o ${OPTIONS}${KEY_OPTIONS} " in exec_line
+    assert "Environment=KEY_OPTIONS=\n" in text  # empty unless the drop-in sets it
+    creds = "/run/credentials/qcowfs@srv-vm.service"
+    key_options = env_line.removeprefix("Environment=KEY_OPTIONS=").replace("%d", creds)
+    opts = parse_options(["rw" + key_options])
+    assert opts.key_file == f"{creds}/key"

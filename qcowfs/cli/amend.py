@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qcowfs.chain.disk import open_image
 from qcowfs.image.qcow2 import Qcow2Image
 
+from .amend_keyslots import key_slot_change
 from .common import parse_bool, parse_options, parse_size
+from .imageopts import add_image_source
 from .main import CommandError
 
 #: what ``-o help`` lists, in qemu-img 7.2's order and words
@@ -46,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.add_argument("--force", action="store_true", help="allow unsafe changes")
     p.add_argument("file", nargs="?")
+    add_image_source(p, "file")
     p.set_defaults(func=run)
 
 
@@ -64,15 +67,17 @@ def run(args: argparse.Namespace) -> int:
     for key in opts:
         if key in CREATE_ONLY or key not in known:
             raise CommandError(f"Invalid parameter '{key}'")
-    disk = open_image(args.file, writable=True, format=args.format)
+    slots = key_slot_change(opts, args.secrets)
+    disk = open_image(args.file, writable=True, format=args.format, keys=args.keys.get("file"))
     try:
         if not isinstance(disk.top, Qcow2Image):
             raise CommandError("Format driver 'raw' does not support option amendment")
         assert disk.writer is not None
         plan = _parse(opts, disk.writer)
+        plan.slots = slots
         _refuse(plan, disk)
         for step in STEPS:
-            step(plan, disk)
+            step(plan, disk, args.force)
     finally:
         disk.close()
     return 0
@@ -89,7 +94,7 @@ class Plan:
     backing: tuple[str | None, str | None] | None = None
     data_file: str | None = None
     data_file_raw: bool | None = None
-    encrypt: dict[str, str] = field(default_factory=dict)
+    slots: object = None  # a key-slot change (cli/amend_keyslots.py), or None
 
 
 def _parse(opts: dict[str, str], w) -> Plan:
@@ -130,8 +135,6 @@ def _parse(opts: dict[str, str], w) -> Plan:
             plan.data_file_raw = parse_bool(key, value)
             if plan.data_file_raw and not h.data_file_raw:
                 raise CommandError("data-file-raw cannot be set on existing images")
-        elif key.startswith("encrypt."):
-            plan.encrypt[key] = value
     if "backing_file" in opts or "backing_fmt" in opts:
         plan.backing = (opts.get("backing_file"), opts.get("backing_fmt"))
     return plan
@@ -142,9 +145,6 @@ def _refuse(plan: Plan, disk) -> None:
     amended): all of them are found here, before anything changes."""
     w = disk.writer
     h = w.header
-    if plan.encrypt:
-        raise CommandError(f"{next(iter(plan.encrypt))}: amending encryption is not supported "
-                           f"yet")
     if plan.refcount_order != h.refcount_order:
         if plan.version < 3 and plan.refcount_order != 4:
             raise CommandError("Refcount widths other than 16 bits require compatibility "
@@ -170,35 +170,41 @@ def _refuse(plan: Plan, disk) -> None:
 # --- the changes, one function per option, in QEMU's order --------------------------------
 
 
-def _upgrade(plan: Plan, disk) -> None:
+def _upgrade(plan: Plan, disk, force: bool) -> None:
     if plan.version > disk.writer.header.version:
         from qcowfs.image.compat import upgrade
         upgrade(disk.writer)
 
 
-def _refcount_bits(plan: Plan, disk) -> None:
+def _key_slots(plan: Plan, disk, force: bool) -> None:
+    if plan.slots is not None:
+        from qcowfs.image.luks_slots import amend_key_slots
+        amend_key_slots(disk.top, plan.slots, force)
+
+
+def _refcount_bits(plan: Plan, disk, force: bool) -> None:
     if plan.refcount_order != disk.writer.header.refcount_order:
         from qcowfs.image.refcount_order import change_refcount_order
         change_refcount_order(disk.writer, plan.refcount_order)
 
 
-def _data_file(plan: Plan, disk) -> None:
+def _data_file(plan: Plan, disk, force: bool) -> None:
     from qcowfs.image.amend import set_data_file
     set_data_file(disk.writer, plan.data_file, plan.data_file_raw)
 
 
-def _lazy_refcounts(plan: Plan, disk) -> None:
+def _lazy_refcounts(plan: Plan, disk, force: bool) -> None:
     if plan.lazy != disk.writer.header.lazy_refcounts:
         from qcowfs.image.amend import set_lazy_refcounts
         set_lazy_refcounts(disk.writer, plan.lazy)
 
 
-def _size(plan: Plan, disk) -> None:
+def _size(plan: Plan, disk, force: bool) -> None:
     if plan.size is not None and plan.size != disk.size:
         disk.resize(plan.size, shrink=plan.size < disk.size)
 
 
-def _downgrade(plan: Plan, disk) -> None:
+def _downgrade(plan: Plan, disk, force: bool) -> None:
     if plan.version < disk.writer.header.version:
         from qcowfs.image.compat import downgrade
         downgrade(disk.writer)
@@ -206,4 +212,4 @@ def _downgrade(plan: Plan, disk) -> None:
 
 #: upgrade first (later options may need v3), downgrade last (after what v2 cannot hold is
 #: gone); the backing file is only ever checked (``_refuse``)
-STEPS = (_upgrade, _refcount_bits, _data_file, _lazy_refcounts, _size, _downgrade)
+STEPS = (_upgrade, _key_slots, _refcount_bits, _data_file, _lazy_refcounts, _size, _downgrade)

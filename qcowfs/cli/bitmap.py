@@ -12,6 +12,7 @@ from qcowfs.image import bitmaps as engine
 from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import add_probed_format, parse_size
+from .imageopts import add_image_source
 from .main import CommandError
 
 
@@ -39,6 +40,7 @@ def register(sub) -> None:
                    help="format of the -b image")
     add_probed_format(p)
     p.add_argument("args", nargs="*", metavar="FILE NAME")
+    add_image_source(p, "args")
     p.set_defaults(func=run, ops=None)
 
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.args) != 2:
         raise CommandError("Expecting filename and bitmap name")
     path, name = args.args
-    disk = open_image(path, writable=True, format=args.format)
+    disk = open_image(path, writable=True, format=args.format, keys=args.keys.get("args"))
     try:
         top = disk.top
         if not isinstance(top, Qcow2Image):

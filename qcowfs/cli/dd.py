@@ -11,6 +11,7 @@ from qcowfs.chain.locks import lock_chain, refuse_if_in_use
 from qcowfs.chain.resolve import open_chain
 
 from .common import add_force_share, add_probed_format, parse_size
+from .imageopts import add_image_source, parse_image_opts
 from .main import CommandError
 
 INT_MAX = (1 << 31) - 1
@@ -28,6 +29,7 @@ def register(sub) -> None:
                    help="output format: raw (default) or qcow2")
     add_force_share(p, "read the input even when another process holds it")
     p.add_argument("operands", nargs="*", metavar="OPERAND")
+    add_image_source(p)  # --image-opts: if= is an option string
     p.set_defaults(func=run)
 
 
@@ -63,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("Must specify both input and output files")
     if args.out_format not in ("raw", "qcow2"):
         raise CommandError("Unknown file format")
-    src = Disk(open_chain(ops["if"], fmt=args.format), False)
+    source, fmt, keys = ops["if"], args.format, None
+    if args.image_opts:
+        source, driver, keys = parse_image_opts(source, args.secrets)
+        fmt = driver or fmt
+    src = Disk(open_chain(source, fmt=fmt, keys=keys), False)
     try:
         if not args.force_share:
             lock_chain(src.layers)

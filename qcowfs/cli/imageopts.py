@@ -158,3 +158,15 @@ def resolve(args: argparse.Namespace) -> None:
         args.keys[name] = keys
         if fmt_attr and fmt is not None:
             setattr(args, fmt_attr, fmt)
+
+
+def verify_keys(path: str, fmt: str | None, keys: dict[int, bytes] | None, *,
+                backing: bool = True) -> None:
+    """Refuse a wrong key in a command that touches no data (snapshot -l, rebase -u): qemu-img
+    unlocks every encrypted image it opens. Nothing to do when no key was given."""
+    if not keys:
+        return
+    from qcowfs.chain.resolve import open_chain
+
+    for layer in open_chain(path, fmt=fmt, backing=backing, keys=keys):
+        layer.close()

@@ -22,6 +22,7 @@ from .common import (
     parse_size,
     print_json,
 )
+from .imageopts import add_image_source, parse_image_opts
 from .main import CommandError
 
 # the output format's creation options plus those of the file protocol under it
@@ -54,6 +55,7 @@ def register(sub) -> None:
                         "snapshot.name=NAME)")
     add_force_share(p, "read even when another process holds the image")
     p.add_argument("files", nargs="*", metavar="IMAGE")
+    add_image_source(p)  # --image-opts: IMAGE is an option string
     p.set_defaults(func=run)
 
 
@@ -76,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if filename is None:
         result = _measure(args, size, None, None)
     else:
-        layers = open_chain(filename, fmt=args.format)
+        fmt, keys = args.format, None
+        if args.image_opts:
+            filename, driver, keys = parse_image_opts(filename, args.secrets)
+            fmt = driver or fmt
+        layers = open_chain(filename, fmt=fmt, keys=keys)
         try:
             if not args.force_share:
                 lock_chain(layers)

@@ -7,7 +7,7 @@ import argparse
 from qcowfs.chain.rebase import rebase
 
 from .common import add_cache_modes, add_force_share
-from .imageopts import add_image_source
+from .imageopts import add_image_source, verify_keys
 from .progress import progress_bar
 
 
@@ -34,6 +34,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.unsafe:
+        verify_keys(args.file, args.format, args.keys.get("file"), backing=False)
     with progress_bar(args.progress and not args.quiet, None, "rebase") as step:
         rebase(args.file, args.backing, args.backing_format, unsafe=args.unsafe,
                fmt=args.format, progress=step, force_share=args.force_share,

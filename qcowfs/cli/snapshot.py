@@ -7,7 +7,7 @@ import argparse
 from qcowfs.chain.disk import open_image
 
 from .common import add_force_share, warn_probed_raw
-from .imageopts import add_image_source
+from .imageopts import add_image_source, verify_keys
 from .info import snapshot_header, snapshot_row
 from .main import CommandError
 
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from qcowfs.chain.info import describe
 
+    verify_keys(args.file, args.format, args.keys.get("file"), backing=False)
     info = describe(args.file, args.format, force_share=args.force_share)[0]
     snaps = info.get("snapshots") or []
     if snaps and not args.quiet:

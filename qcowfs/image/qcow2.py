@@ -322,11 +322,18 @@ class Mapping:
     def read(self, offset: int, length: int, fill: FillFn = zero_fill) -> bytes:
         length = max(0, min(length, self.size - offset))
         extents = self.extents(offset, length)
-        if len(extents) == 1 and extents[0].kind == NORMAL and self.image.crypto is None:
-            # One run of host data: the bytes os.pread returns are the answer, no copy.
-            data = self.image.read_data_bytes(extents[0].host, length)
-            if data is not None:
-                return data
+        if len(extents) == 1 and extents[0].kind == NORMAL:
+            # One run of host data: the bytes os.pread returns are the answer, no copy (or,
+            # encrypted and in whole sectors, those bytes decrypted).
+            host, crypto = extents[0].host, self.image.crypto
+            if not self.image.encrypted:
+                data = self.image.read_data_bytes(host, length)
+                if data is not None:
+                    return data
+            elif crypto is not None and not (host | length) & 511:
+                data = self.image.read_data_bytes(host, length)
+                if data is not None:
+                    return crypto.decrypt(data, host, offset)
         buf = bytearray(length)
         self._readinto_extents(memoryview(buf), offset, extents, fill)
         return bytes(buf)
