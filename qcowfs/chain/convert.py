@@ -10,6 +10,7 @@ is not becomes a zero cluster).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -21,7 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from qcowfs.format.compression import compress_cluster
 from qcowfs.image.create import QcowOptions, create_raw
 from qcowfs.image.hostfile import HostFile
+from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.sequential import SequentialQcow2Writer
+from qcowfs.image.writebehind import WriteBehind
 
 from .blockstatus import ChainStatus
 from .disk import Disk, SnapshotDisk
@@ -44,6 +47,25 @@ def _is_zero(data: bytes, start: int, end: int) -> bool:
     """Whether data[start:end] is all zero bytes: one memory compare in place
     (``bytes.startswith`` with bounds; a memoryview comparison goes byte by byte)."""
     return data.startswith(_zeros(end - start), start, end)
+
+
+@contextlib.contextmanager
+def parallel_decompression(*disks: Source | None) -> Iterator[None]:
+    """While the body runs, the compressed clusters that one read of ``disks`` meets are
+    decompressed by a pool of threads, one per core (``Qcow2Image.decompress_ahead``)."""
+    images = [layer for d in disks if d is not None
+              for layer in getattr(d, "layers", None) or d._disk.layers
+              if isinstance(layer, Qcow2Image)]
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                              thread_name_prefix="decompress")
+    for img in images:
+        img.decompressor = pool
+    try:
+        yield
+    finally:
+        for img in images:
+            img.decompressor = None
+        pool.shutdown(cancel_futures=True)
 
 
 def _nonzero_runs(src: Source) -> Iterator[tuple[int, int]]:
@@ -163,36 +185,50 @@ def data_spans(data: bytes, pos: int, block: int = SPARSE_BLOCK) -> list[tuple[i
     return spans
 
 
-def to_raw(src: Source, dst: str, progress: Progress | None = None) -> None:
-    """Write the guest disk of ``src`` to a new sparse raw file ``dst``."""
+def to_raw(src: Source, dst: str, progress: Progress | None = None, *,
+           durable: bool = True) -> None:
+    """Write the guest disk of ``src`` to a new sparse raw file ``dst`` (and fsync it when
+    ``durable``)."""
     create_raw(dst, src.size)
     out = HostFile(dst, writable=True)
+    io = WriteBehind()
     try:
         out.truncate(src.size)
-        with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+        with parallel_decompression(src), \
+                _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
             for pos, data in chunks:
-                view = memoryview(data)
-                for s, e in data_spans(data, pos):
-                    out.write(pos + s, view[s:e])
+                spans = data_spans(data, pos)
+                if spans:
+                    io.submit(_write_spans, out, pos, data, spans)
                 if progress:
                     progress(len(data))
-        out.sync()
+        io.drain()
+        if durable:
+            out.sync()
     finally:
+        io.close()
         out.close()
 
 
+def _write_spans(out: HostFile, pos: int, data: bytes, spans: list[tuple[int, int]]) -> None:
+    view = memoryview(data)
+    for s, e in spans:
+        out.write(pos + s, view[s:e])
+
+
 def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = False,
-             backing: Disk | None = None, progress: Progress | None = None) -> None:
+             backing: Disk | None = None, progress: Progress | None = None,
+             durable: bool = True) -> None:
     """Write the guest disk of ``src`` to a new qcow2 image ``dst`` (``options.size`` is
     ignored: the source's size is used). With ``backing`` (which ``options`` must name),
-    only what differs from it is stored.
+    only what differs from it is stored. ``durable``: fsync the image as it is completed.
 
     The source is read a chunk of clusters at a time; a run of data clusters goes out in one
     write. With ``compress``, the clusters of a chunk are compressed by a pool of threads (one
     per core: zlib and zstandard release the GIL) while the next chunks are read, and are
     written in guest order as they come back."""
     options = QcowOptions(**{**options.__dict__, "size": src.size})
-    writer = SequentialQcow2Writer(dst, options, compress=compress)
+    writer = SequentialQcow2Writer(dst, options, compress=compress, durable=durable)
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if compress else None
     try:
         cs = writer.cs
@@ -202,7 +238,8 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
             ranges = _union(ranges, _cluster_ranges(
                 ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
         pending: deque = deque()  # (first cluster, data, actions, compressed streams)
-        with _ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
+        with parallel_decompression(src, backing), \
+                _ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
             for c, data, below in chunks:
                 actions = _cluster_actions(data, below, cs)
                 packed = None

@@ -193,15 +193,16 @@ def run(args: argparse.Namespace) -> int:
             validate(args.dest, options)
         copied = _bitmaps_to_copy(args, src, options) if args.bitmaps else None
         refuse_if_in_use(args.dest)
+        durable = (args.cache or "unsafe") != "unsafe"  # qemu-img's convert default: unsafe
         show = args.progress and not args.quiet
         with progress_bar(show, view.size, "convert") as step:
             if options is None:
-                engine.to_raw(view, args.dest, step)
+                engine.to_raw(view, args.dest, step, durable=durable)
             elif options.encrypt_format:
                 engine.to_encrypted_qcow2(view, args.dest, options, step)
             else:
                 engine.to_qcow2(view, args.dest, options, compress=args.compress,
-                                backing=backing, progress=step)
+                                backing=backing, progress=step, durable=durable)
         if copied:
             _store_bitmaps(args.dest, copied)
     finally:
