@@ -10,11 +10,8 @@ is not becomes a zero cluster).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from qcowfs.format.compression import compress_cluster
 from qcowfs.image.create import QcowOptions, create_raw
 from qcowfs.image.hostfile import HostFile
-from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.sequential import SequentialQcow2Writer
 from qcowfs.image.writebehind import WriteBehind
 
 from .blockstatus import ChainStatus
 from .disk import Disk, SnapshotDisk
+from .pipeline import ReadAhead as _ReadAhead
+from .pipeline import parallel_decompression
 
 SPARSE_BLOCK = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read (and zero-scanned) per step
@@ -49,25 +47,6 @@ def _is_zero(data: bytes, start: int, end: int) -> bool:
     return data.startswith(_zeros(end - start), start, end)
 
 
-@contextlib.contextmanager
-def parallel_decompression(*disks: Source | None) -> Iterator[None]:
-    """While the body runs, the compressed clusters that one read of ``disks`` meets are
-    decompressed by a pool of threads, one per core (``Qcow2Image.decompress_ahead``)."""
-    images = [layer for d in disks if d is not None
-              for layer in getattr(d, "layers", None) or d._disk.layers
-              if isinstance(layer, Qcow2Image)]
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                              thread_name_prefix="decompress")
-    for img in images:
-        img.decompressor = pool
-    try:
-        yield
-    finally:
-        for img in images:
-            img.decompressor = None
-        pool.shutdown(cancel_futures=True)
-
-
 def _nonzero_runs(src: Source) -> Iterator[tuple[int, int]]:
     """(start, end) guest ranges that may hold non-zero bytes, in order."""
     if isinstance(src, SnapshotDisk):
@@ -77,56 +56,6 @@ def _nonzero_runs(src: Source) -> Iterator[tuple[int, int]]:
         if e.zero and not e.data:
             continue
         yield e.start, e.start + e.length
-
-
-class _ReadAhead:
-    """The items of ``items`` produced on a thread of their own, up to ``depth`` ahead of the
-    consumer, in order: the source is read (and decompressed) while the output is written.
-    Only that thread touches the source while it runs (the image's caches are not made for
-    threads); an error there is raised in the consumer."""
-
-    def __init__(self, items: Iterator, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True,
-                                        name="convert-read")
-        self._thread.start()
-
-    def _run(self, items: Iterator) -> None:
-        try:
-            for item in items:
-                if not self._put((True, item)):
-                    return
-        except BaseException as exc:  # handed to the consumer
-            self._put((False, exc))
-            return
-        self._put((False, None))
-
-    def _put(self, message: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(message, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator:
-        while True:
-            ok, value = self._queue.get()
-            if ok:
-                yield value
-            elif value is None:
-                return
-            else:
-                raise value
-
-    def __enter__(self) -> _ReadAhead:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _read_chunks(src: Source, runs: Iterator[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
