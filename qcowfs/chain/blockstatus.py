@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from qcowfs.format.tables import ClusterKind
-from qcowfs.image import scanmode
+from qcowfs.image import scanmode, tableruns
 from qcowfs.image.info import allocated_bytes
 from qcowfs.image.qcow2 import Mapping, Qcow2Image
 from qcowfs.image.raw import RawImage
@@ -185,10 +185,7 @@ class ChainStatus:
         if whole is None:
             whole = scanmode.whole_tables(-(-layer.file.size // layer.cluster_size))
             self._whole[depth] = whole
-        if whole:
-            from qcowfs.image import tablescan
-            return tablescan.mapping_extents(mapping, pos, n)
-        return mapping.extents(pos, n)
+        return tableruns.mapping_extents(mapping, pos, n, whole)
 
     def _metadata_preallocated(self, depth: int) -> bool:
         found = self._prealloc.get(depth)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .blockstatus import ChainStatus
 from .disk import Disk
+from .pipeline import ReadAhead, parallel_decompression
 
 SECTOR = 512
 IO_BUF = 2 * 1024 * 1024
@@ -83,6 +84,21 @@ def _first_nonzero_sector(buf: bytes) -> int | None:
     return None
 
 
+def _pairs(a: Disk, b: Disk, runs: Iterator[tuple[int, int, bool, bool]]
+           ) -> Iterator[tuple[int, int, bytes | None, bytes | None]]:
+    """(offset, length, a's bytes, b's bytes) in guest order; None for both where block
+    status says both read as zeros. Runs on the read-ahead thread."""
+    for start, end, za, zb in runs:
+        if za and zb:
+            yield start, end - start, None, None
+            continue
+        pos = start
+        while pos < end:
+            n = min(IO_BUF, end - pos)
+            yield pos, n, a.read(pos, n), b.read(pos, n)
+            pos += n
+
+
 def compare_disks(a: Disk, b: Disk, *, strict: bool = False,
                   progress: Callable[[int], None] | None = None) -> Comparison:
     """Compare ``a`` and ``b`` guest byte for guest byte. ``progress(n)`` is told how many
@@ -96,20 +112,14 @@ def compare_disks(a: Disk, b: Disk, *, strict: bool = False,
         for start, _end, fa, fb in _lockstep(_flags(sa, 0, common), _flags(sb, 0, common)):
             if fa != fb:
                 return Comparison(False, strict_failure="status", status_offset=start)
-    for start, end, za, zb in _lockstep(_zero_ranges(sa, 0, common),
-                                        _zero_ranges(sb, 0, common)):
-        if za and zb:
-            if progress:
-                progress(end - start)
-            continue
-        pos = start
-        while pos < end:
-            n = min(IO_BUF, end - pos)
-            diff = _first_diff_sector(a.read(pos, n), b.read(pos, n))
-            if diff is not None:
-                # found in the common part: qemu-img does not get to the size warning
-                return Comparison(False, False, mismatch_offset=pos + diff)
-            pos += n
+    runs = _lockstep(_zero_ranges(sa, 0, common), _zero_ranges(sb, 0, common))
+    with parallel_decompression(a, b), ReadAhead(_pairs(a, b, runs)) as pairs:
+        for pos, n, x, y in pairs:
+            if x is not None:
+                diff = _first_diff_sector(x, y)
+                if diff is not None:
+                    # found in the common part: qemu-img does not get to the size warning
+                    return Comparison(False, False, mismatch_offset=pos + diff)
             if progress:
                 progress(n)
     if size_a != size_b:

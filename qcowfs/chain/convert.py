@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import queue
-import threading
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,9 +21,12 @@ from qcowfs.format.compression import compress_cluster
 from qcowfs.image.create import QcowOptions, create_raw
 from qcowfs.image.hostfile import HostFile
 from qcowfs.image.sequential import SequentialQcow2Writer
+from qcowfs.image.writebehind import WriteBehind
 
 from .blockstatus import ChainStatus
 from .disk import Disk, SnapshotDisk
+from .pipeline import ReadAhead as _ReadAhead
+from .pipeline import parallel_decompression
 
 SPARSE_BLOCK = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read (and zero-scanned) per step
@@ -56,56 +57,6 @@ def _nonzero_runs(src: Source) -> Iterator[tuple[int, int]]:
         if e.zero and not e.data:
             continue
         yield e.start, e.start + e.length
-
-
-class _ReadAhead:
-    """The items of ``items`` produced on a thread of their own, up to ``depth`` ahead of the
-    consumer, in order: the source is read (and decompressed) while the output is written.
-    Only that thread touches the source while it runs (the image's caches are not made for
-    threads); an error there is raised in the consumer."""
-
-    def __init__(self, items: Iterator, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True,
-                                        name="convert-read")
-        self._thread.start()
-
-    def _run(self, items: Iterator) -> None:
-        try:
-            for item in items:
-                if not self._put((True, item)):
-                    return
-        except BaseException as exc:  # handed to the consumer
-            self._put((False, exc))
-            return
-        self._put((False, None))
-
-    def _put(self, message: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(message, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator:
-        while True:
-            ok, value = self._queue.get()
-            if ok:
-                yield value
-            elif value is None:
-                return
-            else:
-                raise value
-
-    def __enter__(self) -> _ReadAhead:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _read_chunks(src: Source, runs: Iterator[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
@@ -184,38 +135,49 @@ def sparse_spans(data: bytes, pos: int, sparse: int = SPARSE_BLOCK) -> list[tupl
 
 
 def to_raw(src: Source, dst: str, progress: Progress | None = None,
-           sparse: int = SPARSE_BLOCK) -> None:
+           sparse: int = SPARSE_BLOCK, *, durable: bool = True) -> None:
     """Write the guest disk of ``src`` to a new sparse raw file ``dst`` (``sparse``: the
-    ``-S`` size, see :func:`sparse_spans`)."""
+    ``-S`` size, see :func:`sparse_spans`; fsync it when ``durable``)."""
     create_raw(dst, src.size)
     out = HostFile(dst, writable=True)
+    io = WriteBehind()
     try:
         out.truncate(src.size)
-        with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+        with parallel_decompression(src), \
+                _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
             for pos, data in chunks:
-                view = memoryview(data)
-                for s, e in sparse_spans(data, pos, sparse):
-                    out.write(pos + s, view[s:e])
+                spans = sparse_spans(data, pos, sparse)
+                if spans:
+                    io.submit(_write_spans, out, pos, data, spans)
                 if progress:
                     progress(len(data))
-        out.sync()
+        io.drain()
+        if durable:
+            out.sync()
     finally:
+        io.close()
         out.close()
+
+
+def _write_spans(out: HostFile, pos: int, data: bytes, spans: list[tuple[int, int]]) -> None:
+    view = memoryview(data)
+    for s, e in spans:
+        out.write(pos + s, view[s:e])
 
 
 def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = False,
              backing: Disk | None = None, progress: Progress | None = None,
-             sparse: int = SPARSE_BLOCK) -> None:
+             sparse: int = SPARSE_BLOCK, durable: bool = True) -> None:
     """Write the guest disk of ``src`` to a new qcow2 image ``dst`` (``options.size`` is
     ignored: the source's size is used). With ``backing`` (which ``options`` must name),
-    only what differs from it is stored.
+    only what differs from it is stored. ``durable``: fsync the image as it is completed.
 
     The source is read a chunk of clusters at a time; a run of data clusters goes out in one
     write. With ``compress``, the clusters of a chunk are compressed by a pool of threads (one
     per core: zlib and zstandard release the GIL) while the next chunks are read, and are
     written in guest order as they come back."""
     options = QcowOptions(**{**options.__dict__, "size": src.size})
-    writer = SequentialQcow2Writer(dst, options, compress=compress)
+    writer = SequentialQcow2Writer(dst, options, compress=compress, durable=durable)
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if compress else None
     try:
         cs = writer.cs
@@ -225,7 +187,8 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
             ranges = _union(ranges, _cluster_ranges(
                 ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
         pending: deque = deque()  # (first cluster, data, actions, compressed streams)
-        with _ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
+        with parallel_decompression(src, backing), \
+                _ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
             for c, data, below in chunks:
                 actions = _cluster_actions(data, below, cs, c * cs, sparse)
                 packed = None

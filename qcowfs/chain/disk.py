@@ -129,6 +129,11 @@ class SnapshotDisk(_View):
         self._fill = _chain_fill(disk.layers, 1)
         self._status = None  # the block status behind seek, made at the first one
 
+    @property
+    def chain_layers(self) -> list[Layer]:
+        """The images this view reads: the top image and its backing chain."""
+        return self._disk.layers
+
     def _readinto_view(self, buf: memoryview, offset: int) -> None:
         self.mapping.readinto(buf, offset, self._fill)
 

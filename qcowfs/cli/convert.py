@@ -199,17 +199,19 @@ def run(args: argparse.Namespace) -> int:
             validate(args.dest, options)
         copied = _bitmaps_to_copy(args, src, options) if args.bitmaps else None
         refuse_if_in_use(args.dest)
+        durable = (args.cache or "unsafe") != "unsafe"  # qemu-img's convert default: unsafe
         show = args.progress and not args.quiet
         sparse = args.sparse_size or engine.SPARSE_BLOCK
         with progress_bar(show, view.size, "convert") as step:
             if options is None:
-                engine.to_raw(view, args.dest, step, sparse=sparse)
+                engine.to_raw(view, args.dest, step, sparse=sparse, durable=durable)
             elif (options.encrypt_format or options.data_file
                   or options.preallocation != "off"):
                 engine.to_qcow2_in_place(view, args.dest, options, step, sparse=sparse)
             else:
                 engine.to_qcow2(view, args.dest, options, compress=args.compress,
-                                backing=backing, progress=step, sparse=sparse)
+                                backing=backing, progress=step, sparse=sparse,
+                                durable=durable)
         if copied:
             _store_bitmaps(args.dest, copied)
     finally:

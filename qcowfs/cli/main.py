@@ -38,6 +38,11 @@ class Parser(argparse.ArgumentParser):
 
     command: str | None = None
 
+    def _get_formatter(self):
+        # argparse makes a formatter for every add_argument, and HelpFormatter imports shutil
+        # (with bz2 and lzma) for the terminal width: the same width, from os, costs nothing.
+        return self.formatter_class(prog=self.prog, width=_columns() - 2)
+
     def error(self, message: str):
         where = self.prog.replace(" ", ": ", 1) if " " in self.prog else self.prog
         if where == "qcowfs" and self.command:
@@ -64,6 +69,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             raise
         module.register(sub)
     return parser
+
+
+def _columns() -> int:
+    """The terminal width as ``shutil.get_terminal_size`` finds it: $COLUMNS, stdout, 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 def _commands_for(argv: list[str] | None) -> tuple[str, ...]:

@@ -56,6 +56,7 @@ COMPRESSED_KIND = ClusterKind.COMPRESSED
 
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 COMPRESSED_CACHE_CLUSTERS = 16
+READ_AHEAD_SPAN = 8 << 20  # the longest run of compressed streams read at once
 _ZEROS = bytes(1 << 21)
 
 FillFn = Callable[[memoryview, int], None]
@@ -301,6 +302,8 @@ class Mapping:
     def _readinto_extents(self, buf: memoryview, offset: int, extents: list[Extent],
                           fill: FillFn) -> None:
         img = self.image
+        ahead = (img.decompress_ahead(extents)
+                 if img.decompressor is not None and not img.encrypted else None)
         for e in extents:
             start = e.offset - offset
             part = buf[start:start + e.length]
@@ -315,7 +318,7 @@ class Mapping:
                 if img.encrypted:
                     raise FormatError(img.path, f"compressed cluster at guest offset {e.offset} "
                                                 f"in an encrypted image")
-                data = img.compressed_cluster(e.entry)
+                data = img.compressed_cluster(e.entry, ahead)
                 within = e.offset & (img.cluster_size - 1)
                 part[:] = data[within:within + e.length]
 
@@ -372,6 +375,8 @@ class Qcow2Image:
         self.crypto = None  # qcowfs.image.crypto.ImageCrypto once unlocked
         #: the LUKS header of a LUKS image (parsed at open; no key needed)
         self.luks = None
+        #: an executor for ``decompress_ahead`` (set by convert and compare), or None
+        self.decompressor = None
 
     # --- opening --------------------------------------------------------------------------
 
@@ -610,26 +615,66 @@ class Qcow2Image:
                                              f"past the end of {f.path}")
             zero_fill(buf[got:])
 
-    def compressed_cluster(self, entry: int) -> bytes:
-        """The decompressed cluster a compressed L2 entry describes (small LRU cache)."""
+    def compressed_cluster(self, entry: int, ahead: dict | None = None) -> bytes:
+        """The decompressed cluster a compressed L2 entry describes (small LRU cache);
+        ``ahead`` holds the clusters ``decompress_ahead`` started."""
         cache = self._compressed_cache
         data = cache.get(entry)
         if data is not None:
             cache.move_to_end(entry)
             return data
         host, length = self.compressed.decode(entry)
-        if host >= self.file.size:
-            raise FormatError(self.path, f"compressed cluster at host offset {host} lies past the "
-                                         f"end of the file")
-        raw = self.file.read(host, length)
-        try:
-            data = decompress_cluster(raw, self.cluster_size, self.header.compression_type)
-        except FormatError as exc:
-            raise FormatError(self.path, f"{exc.reason} (host offset {host})") from None
+        started = ahead.get(entry) if ahead else None
+        if started is not None:
+            data = started.result()
+        else:
+            if host >= self.file.size:
+                raise FormatError(self.path, f"compressed cluster at host offset {host} lies "
+                                             f"past the end of the file")
+            data = self._decompress(self.file.read(host, length), host)
         cache[entry] = data
         if len(cache) > COMPRESSED_CACHE_CLUSTERS:
             cache.popitem(last=False)
         return data
+
+    def _decompress(self, raw: bytes, host: int) -> bytes:
+        try:
+            return decompress_cluster(raw, self.cluster_size, self.header.compression_type)
+        except FormatError as exc:
+            raise FormatError(self.path, f"{exc.reason} (host offset {host})") from None
+
+    def decompress_ahead(self, extents: list[Extent]) -> dict:
+        """Start decompressing the compressed clusters among ``extents`` on
+        ``self.decompressor`` (zlib and zstandard release the GIL, so a copy decompresses on
+        every core): {L2 entry: future}. Streams that lie together (QEMU packs them
+        back to back) are read with one ``pread``; the rest of the checks stay in
+        ``compressed_cluster``, which takes the results."""
+        cache = self._compressed_cache
+        wanted: dict[int, tuple[int, int]] = {}
+        for e in extents:
+            if e.kind == COMPRESSED_KIND and e.entry not in cache and e.entry not in wanted:
+                host, length = self.compressed.decode(e.entry)
+                if host < self.file.size:
+                    wanted[e.entry] = (host, length)
+        futures: dict = {}
+        if len(wanted) < 2:
+            return futures
+        order = sorted(wanted.items(), key=lambda item: item[1][0])
+        i = 0
+        while i < len(order):
+            start = order[i][1][0]
+            end = start + order[i][1][1]
+            j = i + 1
+            while j < len(order) and order[j][1][0] <= end + 4096 \
+                    and order[j][1][0] + order[j][1][1] - start <= READ_AHEAD_SPAN:
+                end = max(end, order[j][1][0] + order[j][1][1])
+                j += 1
+            blob = self.file.read(start, end - start)
+            for entry, (host, length) in order[i:j]:
+                raw = blob[host - start:host - start + length]
+                futures[entry] = self.decompressor.submit(self._decompress, raw, host)
+            i = j
+        return futures
 
     # --- snapshots --------------------------------------------------------------------------
 

@@ -112,6 +112,8 @@ def looks_metadata_preallocated(image: Qcow2Image, allocated_bytes: int) -> bool
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = (image.file.size + cs - 1) // cs
     reader = OnDiskRefcounts(image)
+    if reader.order >= 3:  # whole bytes per refcount: whole blocks at a time, no numpy
+        return nonzero_refcounts(reader, end_cluster, threshold) >= threshold
     if scanmode.whole_tables(end_cluster):
         from qcowfs.image import tablescan
         return tablescan.nonzero_refcounts(reader, end_cluster, threshold) >= threshold
@@ -125,3 +127,44 @@ def looks_metadata_preallocated(image: Qcow2Image, allocated_bytes: int) -> bool
         except UnreadableRefblock:
             continue  # a block that cannot be read says nothing (QEMU only warns)
     return count >= threshold
+
+
+def nonzero_refcounts(refs: OnDiskRefcounts, n: int, enough: int) -> int:
+    """How many of clusters [0, n) have a refcount, one refcount block at a time, stopping
+    once ``enough`` are found (a block that cannot be read counts nothing). Refcounts of
+    whole bytes only (``refcount_order`` 3 and up)."""
+    width = 1 << (refs.order - 3)
+    per = refs.per_block
+    cs = refs.cs
+    f = refs.image.file
+    found = 0
+    for index in range(-(-n // per)):
+        lo, hi = index * per, min(n, (index + 1) * per)
+        entry = refs.table[index] if index < len(refs.table) else 0
+        if entry & REFT_OFFSET_MASK & (cs - 1):
+            continue
+        patched = refs.blocks.get(index)
+        if patched is not None:
+            found += sum(1 for v in patched[:hi - lo] if v)
+        else:
+            off = refs.block_offset(index)
+            if not off:
+                continue
+            found += count_nonzero_words(f.read(off, cs)[:(hi - lo) * width], width)
+        if found >= enough:
+            break
+    return found
+
+
+def count_nonzero_words(raw: bytes, width: int) -> int:
+    """How many of the ``width``-byte words of ``raw`` are not zero, without a loop over
+    them: the words' bytes, taken lane by lane, are OR-ed together as big integers and the
+    zero bytes of the result counted."""
+    n = len(raw) // width
+    if width == 1:
+        return n - raw.count(0)
+    raw = raw[:n * width]
+    lanes = int.from_bytes(raw[0::width], "little")
+    for k in range(1, width):
+        lanes |= int.from_bytes(raw[k::width], "little")
+    return n - lanes.to_bytes(n, "little").count(0)

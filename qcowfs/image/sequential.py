@@ -34,6 +34,7 @@ from qcowfs.image.check import FIX_ALL, check_image
 from qcowfs.image.create import QcowOptions, create_qcow2
 from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.walk import tally_references
+from qcowfs.image.writebehind import WriteBehind
 
 SUB_ALL = 0xFFFFFFFF
 
@@ -41,7 +42,8 @@ SUB_ALL = 0xFFFFFFFF
 class SequentialQcow2Writer:
     """Create ``path`` with ``options`` and fill it cluster by cluster, in guest order."""
 
-    def __init__(self, path: str, options: QcowOptions, *, compress: bool = False):
+    def __init__(self, path: str, options: QcowOptions, *, compress: bool = False,
+                 durable: bool = True):
         if options.data_file:
             raise ImageError(path, "writing into an external data file is not supported here")
         self.path = path
@@ -54,6 +56,9 @@ class SequentialQcow2Writer:
             _unlink(self.partial)
             raise
         self._done = False
+        self.durable = durable
+        #: the data writes run on a thread of their own (``write_clusters``, ``write_streams``)
+        self._io = WriteBehind()
         h = self.image.header
         self.cs = self.image.cluster_size
         self.version = h.version
@@ -88,7 +93,7 @@ class SequentialQcow2Writer:
         one write: they get host clusters in a row."""
         cs = self.cs
         host = -(-self.end // cs) * cs
-        self.image.file.write(host, data)
+        self._io.submit(self.image.file.write, host, data)
         self.end = host + len(data)
         for i in range(len(data) // cs):
             table, slot = self._table(first + i)
@@ -114,7 +119,7 @@ class SequentialQcow2Writer:
             table, slot = self._table(guest_cluster)
             table[slot] = self.layout.encode(host, len(packed))
             host += len(packed)
-        self.image.file.writev(self.end, [p for _, p in streams])
+        self._io.submit(self.image.file.writev, self.end, [p for _, p in streams])
         self.end = host
 
     def zero_cluster(self, guest_cluster: int) -> None:
@@ -129,6 +134,7 @@ class SequentialQcow2Writer:
 
     def finish(self) -> None:
         """Write the tables and the refcounts; the image is then complete and clean."""
+        self._io.drain()
         img = self.image
         f = img.file
         cs = self.cs
@@ -138,14 +144,14 @@ class SequentialQcow2Writer:
             f.write(pos, encode_u64_table(self.l2[index]))
             self.l1[index] = pos | COPIED
             pos += cs
-        f.sync()
+        self._sync()
         if len(self.l1):
             f.write(h.l1_table_offset, encode_u64_table(self.l1))
-        f.sync()
+        self._sync()
         img.l2_cache.clear()
         self._write_refcounts()
         self.close()
-        publish(self.partial, self.path)
+        publish(self.partial, self.path, durable=self.durable)
         self._done = True
 
     def _write_refcounts(self) -> None:
@@ -172,11 +178,19 @@ class SequentialQcow2Writer:
             values = [counts[k] if k < len(counts) else 0
                       for k in range(i * per_block, (i + 1) * per_block)]
             f.write(off, encode_refblock(values, h.refcount_order))
-        f.sync()
+        self._sync()
+
+    def _sync(self) -> None:
+        """An fsync of the image, unless the caller asked for no durability (qemu-img's
+        ``cache=unsafe``, convert's default): the write order still holds for the process,
+        and a SIGKILL leaves the partial file; only a host crash can lose what was written."""
+        if self.durable:
+            self.image.file.sync()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._io.close()
             self.image.close()
 
     def abandon(self) -> None:
@@ -192,11 +206,12 @@ def partial_name(path: str) -> str:
                         f".{os.path.basename(path)}.partial-{os.getpid()}")
 
 
-def publish(partial: str, path: str) -> None:
-    """Rename the finished (durable) ``partial`` over ``path``, durably."""
+def publish(partial: str, path: str, *, durable: bool = True) -> None:
+    """Rename the finished ``partial`` over ``path`` (durably, when ``durable``)."""
     try:
         os.replace(partial, path)
-        _sync_dir(os.path.dirname(path) or ".")
+        if durable:
+            _sync_dir(os.path.dirname(path) or ".")
     except OSError as exc:
         raise HostIOError.from_oserror(path, exc, "cannot rename the output") from None
 

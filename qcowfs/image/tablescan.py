@@ -21,8 +21,6 @@ import numpy as np
 from qcowfs.format.tables import (
     COMPRESSED,
     COPIED,
-    L1E_OFFSET_MASK,
-    L1E_RESERVED_MASK,
     L2E_OFFSET_MASK,
     L2E_STD_RESERVED_MASK,
     REFT_OFFSET_MASK,
@@ -30,7 +28,7 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     ClusterKind,
 )
-from qcowfs.image.qcow2 import Extent, Mapping, Qcow2Image
+from qcowfs.image.qcow2 import Extent, Qcow2Image
 from qcowfs.image.refcount_read import OnDiskRefcounts
 
 U64 = np.uint64
@@ -277,55 +275,4 @@ def l2_extents(image: Qcow2Image, table: array, l2_off: int, first: int, count: 
         entry = (entries[s] if entries is not None else int(d[s])) if kd is ClusterKind.COMPRESSED \
             else 0
         out.append(Extent(guest + (s << cb), (e - s) << cb, kd, int(host[s]), entry))
-    return out
-
-
-def _joins(last: Extent | None, e: Extent) -> bool:
-    """Whether ``e`` continues ``last`` (the rule of ``Mapping.extents``)."""
-    if last is None or last.kind != e.kind or e.kind is ClusterKind.COMPRESSED:
-        return False
-    if e.kind is ClusterKind.NORMAL:
-        return last.host + last.length == e.host
-    if not e.host and not last.host:
-        return True
-    return bool(e.host and last.host) and last.host + last.length == e.host
-
-
-def mapping_extents(mapping: Mapping, offset: int, length: int) -> list[Extent]:
-    """``mapping.extents(offset, length)``, one whole L2 table per step. A table part it
-    cannot take whole (a partial first cluster, an extended table, anything invalid) goes
-    to ``mapping.extents``, which also raises the errors."""
-    img = mapping.image
-    cb = img.cluster_bits
-    cs = 1 << cb
-    l2_bits = img.l2_bits
-    l1 = mapping.l1
-    out: list[Extent] = []
-    pos, end = offset, offset + length
-    while pos < end:
-        cidx = pos >> cb
-        l1i = cidx >> l2_bits
-        span_end = min(end, (l1i + 1) << (l2_bits + cb))
-        l1e = l1[l1i] if l1i < len(l1) else 0
-        l2_off = l1e & L1E_OFFSET_MASK
-        pieces = None
-        if l1e & L1E_RESERVED_MASK:
-            pass  # mapping.extents words the error
-        elif not l2_off:
-            pieces = [Extent(pos, span_end - pos, ClusterKind.UNALLOCATED)]
-        elif not pos & (cs - 1):
-            count = -(-(span_end - pos) // cs)
-            pieces = l2_extents(img, img.l2_table(l2_off), l2_off,
-                                cidx & ((1 << l2_bits) - 1), count, pos)
-            if pieces:
-                last = pieces[-1]
-                last.length = span_end - last.offset
-        if pieces is None:
-            pieces = mapping.extents(pos, span_end - pos)
-        for e in pieces:
-            if out and _joins(out[-1], e):
-                out[-1].length += e.length
-            else:
-                out.append(e)
-        pos = span_end
     return out
