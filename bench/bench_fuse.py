@@ -6,7 +6,9 @@ Also: mount time and daemon memory for a 4 TiB sparse image.
 
 Environment: BENCH_SAMPLES (default 3), BENCH_RUNTIME seconds per sample (default 5),
 BENCH_SIZE (default 1G), BENCH_DIR (default bench/out); BENCH_JOBS=TEXT runs only the jobs
-whose name contains TEXT, prints their table and leaves docs/performance.md alone.
+whose name contains TEXT, prints their table and leaves docs/performance.md alone (several
+TEXTs separated by commas select every job any of them matches; a TEXT that starts with ``^``
+matches the start of the name only, so ``^rand write`` leaves out the LUKS rows).
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ JOBS = [
     ("COW 4k QD1 (fresh overlay)", "randwrite", "4k", "psync", 1, True),
 ]
 JOB_FILTER = os.environ.get("BENCH_JOBS", "")
+
+
+def wanted(name: str) -> bool:
+    """Whether BENCH_JOBS selects the job ``name`` (every job when it is unset)."""
+    if not JOB_FILTER:
+        return True
+    for text in JOB_FILTER.split(","):
+        text = text.strip()
+        if text.startswith("^") and name.startswith(text[1:]):
+            return True
+        if text and not text.startswith("^") and text in name:
+            return True
+    return False
 
 
 def sh(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -204,7 +219,7 @@ def run_jobs(d: Path, writes_read_back: bool = False) -> list[dict]:
             passthrough_mount(raw, d / "mnt-passthrough") as p_disk:
         targets = {"qcowfs": q_disk, "qemu": e_disk, "passthrough": p_disk}
         for name, rw, bs, engine, depth, cow in JOBS:
-            if JOB_FILTER and JOB_FILTER not in name:
+            if not wanted(name):
                 continue
             writes = "write" in rw
             if writes_read_back and (cow or not writes):
@@ -266,7 +281,7 @@ def luks_jobs(d: Path) -> list[dict]:
         files = {"qcowfs": img_q, "qemu": img_e}
         for name, rw, bs, engine, depth, cow in JOBS:
             label = f"LUKS {name}"
-            if cow or (JOB_FILTER and JOB_FILTER not in label):
+            if cow or not wanted(label):
                 continue
             samples: dict[str, list[float]] = {side: [] for side in targets}
             for i in range(SAMPLES):
@@ -418,7 +433,7 @@ def thin_rows(d: Path) -> list[dict]:
     (time; SEEK_DATA/SEEK_HOLE let it skip the holes), and fstrim of a freshly emptied ext4
     on a loop device over the disk (MiB/s given back)."""
     rows = []
-    if not JOB_FILTER or JOB_FILTER in THIN_JOBS[0]:
+    if wanted(THIN_JOBS[0]):
         sparse = d / "sparse.qcow2"
         sh("qemu-img", "create", "-q", "-f", "qcow2", sparse, SPARSE_SIZE)
         sh("qemu-io", *[a for k in range(SPARSE_DATA) for a in ("-c", f"write -P 0x5a {k}G 1M")],
@@ -432,7 +447,7 @@ def thin_rows(d: Path) -> list[dict]:
                 f"{side} {times[side][-1]:.2f} s" for side in times), flush=True)
         rows.append({"job": THIN_JOBS[0], "unit": "s",
                      **{side: statistics.median(v) for side, v in times.items()}})
-    if not JOB_FILTER or JOB_FILTER in THIN_JOBS[1]:
+    if wanted(THIN_JOBS[1]):
         rates: dict[str, list[float]] = {"qcowfs": [], "qemu": []}
         for i in range(SAMPLES):
             for side in rates:
@@ -485,7 +500,7 @@ def main() -> int:
         load_start = os.getloadavg()[0]
         print(f"bench: {SAMPLES} samples x {RUNTIME} s per job and side, images of {SIZE}, "
               f"O_DIRECT, interleaved qcowfs/QEMU/passthrough", flush=True)
-        fio_wanted = not JOB_FILTER or any(JOB_FILTER in job[0] for job in JOBS)
+        fio_wanted = any(wanted(job[0]) for job in JOBS)
         results = run_jobs(d) if fio_wanted else []
         read_back = run_jobs(d, writes_read_back=True) if fio_wanted else []
         thin = thin_rows(d)
