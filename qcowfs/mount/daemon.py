@@ -202,7 +202,8 @@ def open_disk(image: str, opts: MountOptions):
     def attempt(key: bytes | None):
         keys = _SameKey(key) if key is not None else None
         return open_image(image, writable=not opts.read_only, format=opts.format,
-                          zero_detect=opts.zero_detect, keys=keys, **kwargs)
+                          zero_detect=opts.zero_detect, keys=keys,
+                          direct=opts.cache == "none", **kwargs)
 
     try:
         return attempt(key)

@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from qcowfs.errors import ImageError
+from qcowfs.image.hostfile import aligned_buffer
 
 from .mounts import XATTR_IMAGE, XATTR_PID
 from .tree import Attr, FsError, Kind, Tree
@@ -78,7 +79,7 @@ class QcowfsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._on_init = on_init
         self.errors = 0
-        self._read_buf = memoryview(bytearray(1 << 20))
+        self._read_buf = aligned_buffer(1 << 20)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -242,7 +243,7 @@ class QcowfsOperations(pyfuse3.Operations):
         # request runs, so one buffer serves every read (no 1 MiB allocation per request).
         buf = self._read_buf
         if size > len(buf):
-            buf = self._read_buf = memoryview(bytearray(size))
+            buf = self._read_buf = aligned_buffer(size)
         try:
             n = view.readinto(buf[:size], off)
         except Exception as exc:

@@ -18,6 +18,9 @@ IGNORED = frozenset({
 #: Mount flags handed on to the kernel as they are.
 KERNEL_FLAGS = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime"})
 
+#: ``-o cache=``: whether the image files go through the host's page cache (QEMU's names)
+CACHE_MODES = ("writeback", "none")
+
 _SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -39,6 +42,8 @@ class MountOptions:
     l2_cache_bytes: int | None = None
     zero_detect: bool = True
     direct_io: bool = True
+    #: the host page cache under the image files: "writeback" (used) or "none" (O_DIRECT)
+    cache: str = "writeback"
     fast_loop: bool = True
     poll_us: int = 50  # how long the request loop polls before it sleeps (requestloop)
     allow_shrink: bool = False
@@ -163,6 +168,10 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.zero_detect = _bool(name, value)
     elif name == "direct_io":
         opts.direct_io = _bool(name, value)
+    elif name == "cache":
+        if value not in CACHE_MODES:
+            raise OptionError(f"option cache: {value!r} is not none or writeback")
+        opts.cache = value
     elif name == "fast_loop":
         opts.fast_loop = _bool(name, value)
     elif name == "poll_us":
