@@ -130,7 +130,7 @@ def fuse_daemon(argv: list, mountpoint: Path, name: str, stop):
 def qemu_export(image: Path, target: Path, writable: bool, key_file: Path | None = None):
     target.touch()
     secret = ["--object", f"secret,id=key,file={key_file}"] if key_file else []
-    encrypt = ",encrypt.key-secret=key" if key_file else ""
+    encrypt = ",encrypt.format=luks,encrypt.key-secret=key" if key_file else ""
     argv = ["qemu-storage-daemon", *secret,
             "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
             "--blockdev", f"driver=qcow2,node-name=qcow2,file=file{encrypt}",
@@ -268,6 +268,8 @@ def make_luks_image(path: Path, key_file: Path) -> None:
 def luks_jobs(d: Path) -> list[dict]:
     """The non-COW jobs on a LUKS image: qcowfs (``-o key_file=``) beside QEMU's FUSE export
     of the same kind of image; rows are named "LUKS <job>" (BENCH_JOBS=LUKS runs only them)."""
+    if not any(wanted(f"LUKS {job[0]}") for job in JOBS if not job[5]):
+        return []
     key_file = d / "luks.key"
     key_file.write_bytes(LUKS_KEY.encode())
     img_q, img_e = d / "luks-qcowfs.qcow2", d / "luks-qemu.qcow2"
