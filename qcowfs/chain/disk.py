@@ -276,6 +276,15 @@ class Disk(_View):
                                             f" the disk ({self.size} bytes)", errno=_errno.EINVAL)
             self.top.write(offset, data)
 
+    def prepare_in_place(self, offset: int, data):
+        """For a write that needs no metadata change (a plain overwrite in place), everything
+        but the data write: ``(HostFile, host offset, bytes)`` to write, or None when
+        :meth:`write` must do it (see :meth:`Qcow2Writer.prepare_in_place`)."""
+        self._require_writable()
+        if self.writer is None:
+            return None
+        return self.writer.prepare_in_place(offset, data)
+
     def flush(self) -> None:
         """Everything written so far is durable when this returns."""
         self._require_writable()

@@ -21,6 +21,9 @@ KERNEL_FLAGS = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec", "n
 #: ``-o cache=``: whether the image files go through the host's page cache (QEMU's names)
 CACHE_MODES = ("writeback", "none")
 
+#: ``-o io_threads=`` is capped here: more threads than this only contend for the GIL
+MAX_IO_THREADS = 16
+
 _SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -46,6 +49,10 @@ class MountOptions:
     cache: str = "writeback"
     fast_loop: bool = True
     poll_us: int = 50  # how long the request loop polls before it sleeps (requestloop)
+    #: threads for slow in-place writes (datapool.py); 0 writes everything inline
+    io_threads: int = 2
+    #: in-place writes go to a thread once they average more than this (0: all of them)
+    io_slow_us: int = 25
     allow_shrink: bool = False
     nonempty: bool = False  # mount over a folder that holds files (hiding them)
     attr_timeout: float = 1.0
@@ -174,6 +181,10 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.cache = value
     elif name == "fast_loop":
         opts.fast_loop = _bool(name, value)
+    elif name == "io_threads":
+        opts.io_threads = min(_int(name, value), MAX_IO_THREADS)
+    elif name == "io_slow_us":
+        opts.io_slow_us = min(_int(name, value), 1_000_000)
     elif name == "poll_us":
         opts.poll_us = min(_int(name, value), 10_000)
     elif name == "attr_timeout":
