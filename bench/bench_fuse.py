@@ -9,6 +9,8 @@ BENCH_SIZE (default 1G), BENCH_DIR (default bench/out); BENCH_JOBS=TEXT runs onl
 whose name contains TEXT, prints their table and leaves docs/performance.md alone (several
 TEXTs separated by commas select every job any of them matches; a TEXT that starts with ``^``
 matches the start of the name only, so ``^rand write`` leaves out the LUKS rows).
+BENCH_QCOWFS_OPTIONS adds mount options to the qcowfs side of the main tables (say
+``io_threads=0`` to see the writes inline).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ JOBS = [
     ("COW 4k QD1 (fresh overlay)", "randwrite", "4k", "psync", 1, True),
 ]
 JOB_FILTER = os.environ.get("BENCH_JOBS", "")
+QCOWFS_OPTIONS = os.environ.get("BENCH_QCOWFS_OPTIONS", "")
 
 
 def wanted(name: str) -> bool:
@@ -127,12 +130,14 @@ def fuse_daemon(argv: list, mountpoint: Path, name: str, stop):
 
 
 @contextlib.contextmanager
-def qemu_export(image: Path, target: Path, writable: bool, key_file: Path | None = None):
+def qemu_export(image: Path, target: Path, writable: bool, key_file: Path | None = None,
+                direct: bool = False):
     target.touch()
     secret = ["--object", f"secret,id=key,file={key_file}"] if key_file else []
     encrypt = ",encrypt.format=luks,encrypt.key-secret=key" if key_file else ""
     argv = ["qemu-storage-daemon", *secret,
-            "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
+            "--blockdev", f"driver=file,node-name=file,filename={image},"
+                          f"cache.direct={'on' if direct else 'off'}",
             "--blockdev", f"driver=qcow2,node-name=qcow2,file=file{encrypt}",
             "--export", f"type=fuse,id=exp,node-name=qcow2,mountpoint={target},"
                         f"writable={'on' if writable else 'off'}"]
@@ -214,7 +219,8 @@ def run_jobs(d: Path, writes_read_back: bool = False) -> list[dict]:
         sh("qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=full", raw, SIZE)
     files = {"qcowfs": img_q, "qemu": img_e, "passthrough": raw}
     results = []
-    with qcowfs_mount(img_q, d / "mnt-qcowfs", "rw") as q_disk, \
+    with qcowfs_mount(img_q, d / "mnt-qcowfs", ",".join(filter(None, ["rw", QCOWFS_OPTIONS]))
+                      ) as q_disk, \
             qemu_export(img_e, d / "qemu-export", True) as e_disk, \
             passthrough_mount(raw, d / "mnt-passthrough") as p_disk:
         targets = {"qcowfs": q_disk, "qemu": e_disk, "passthrough": p_disk}
@@ -289,6 +295,42 @@ def luks_jobs(d: Path) -> list[dict]:
             for i in range(SAMPLES):
                 for side, target in targets.items():
                     reset_cache(files[side], "write" not in rw)
+                    samples[side].append(fio(target, rw, bs, engine, depth, SIZE))
+                print(f"{label:<28} sample {i + 1}: " + "  ".join(
+                    f"{side} {samples[side][-1]:9.0f}" for side in targets) + " IOPS",
+                    flush=True)
+            results.append({"job": label, "bs": bs,
+                            **{side: statistics.median(samples.get(side) or [0]) or None
+                               for side in SIDES}})
+    return results
+
+
+CACHE_NONE_JOBS = [job for job in JOBS if not job[5]]
+
+
+def cache_none_jobs(d: Path) -> list[dict]:
+    """The non-COW jobs with the image files opened O_DIRECT on both sides: qcowfs ``-o
+    cache=none`` beside QEMU's export with ``cache.direct=on``; rows named "cache=none <job>"
+    (BENCH_JOBS=cache=none runs only them). Nothing of the images is in the page cache."""
+    if not any(wanted(f"cache=none {job[0]}") for job in CACHE_NONE_JOBS):
+        return []
+    img_q, img_e = d / "cn-qcowfs.qcow2", d / "cn-qemu.qcow2"
+    for img in (img_q, img_e):
+        if not img.exists():
+            make_image(img)
+    results = []
+    with qcowfs_mount(img_q, d / "mnt-cn", "rw,cache=none") as q_disk, \
+            qemu_export(img_e, d / "cn-export", True, direct=True) as e_disk:
+        targets = {"qcowfs": q_disk, "qemu": e_disk}
+        files = {"qcowfs": img_q, "qemu": img_e}
+        for name, rw, bs, engine, depth, _cow in CACHE_NONE_JOBS:
+            label = f"cache=none {name}"
+            if not wanted(label):
+                continue
+            samples: dict[str, list[float]] = {side: [] for side in targets}
+            for i in range(SAMPLES):
+                for side, target in targets.items():
+                    reset_cache(files[side], False)
                     samples[side].append(fio(target, rw, bs, engine, depth, SIZE))
                 print(f"{label:<28} sample {i + 1}: " + "  ".join(
                     f"{side} {samples[side][-1]:9.0f}" for side in targets) + " IOPS",
@@ -507,8 +549,10 @@ def main() -> int:
         read_back = run_jobs(d, writes_read_back=True) if fio_wanted else []
         thin = thin_rows(d)
         results += luks_jobs(d)
+        cache_none = cache_none_jobs(d)
         if JOB_FILTER:
-            for rows, show in ((results, table), (read_back, table), (thin, thin_table)):
+            for rows, show in ((results, table), (read_back, table), (cache_none, table),
+                               (thin, thin_table)):
                 if rows:
                     print()
                     print(show(rows))
@@ -538,6 +582,8 @@ def main() -> int:
            for r in dio])
     print()
     print(table(read_back))
+    print()
+    print(table(cache_none))
     print()
     print(extra)
     print()
@@ -573,7 +619,11 @@ def main() -> int:
         "microseconds in this kernel (`ext4_block_write_begin` walks every block of the "
         "folio), on every side. QEMU runs those writes in its thread pool, overlapped; qcowfs "
         "runs them inline, one at a time:\n\n"
-        f"{table(read_back)}\n\n| measure | value |\n|---|---:|\n{extra}\n\n"
+        f"{table(read_back)}\n\n"
+        "`-o cache=none`: the same jobs with the image file opened O_DIRECT on both sides "
+        "(qcowfs `-o cache=none`, QEMU `cache.direct=on`), so the host page cache holds "
+        "nothing of it and every request reaches the virtio disk:\n\n"
+        f"{table(cache_none)}\n\n| measure | value |\n|---|---:|\n{extra}\n\n"
         "Thin provisioning, same samples and medians, qcowfs beside QEMU's export: "
         f"`qemu-img convert -f raw -O qcow2` of a {SPARSE_SIZE} disk holding "
         f"{SPARSE_DATA} MiB (seconds, lower is better; both sides answer SEEK_DATA/SEEK_HOLE), "
