@@ -6,7 +6,11 @@ Also: mount time and daemon memory for a 4 TiB sparse image.
 
 Environment: BENCH_SAMPLES (default 3), BENCH_RUNTIME seconds per sample (default 5),
 BENCH_SIZE (default 1G), BENCH_DIR (default bench/out); BENCH_JOBS=TEXT runs only the jobs
-whose name contains TEXT, prints their table and leaves docs/performance.md alone.
+whose name contains TEXT, prints their table and leaves docs/performance.md alone (several
+TEXTs separated by commas select every job any of them matches; a TEXT that starts with ``^``
+matches the start of the name only, so ``^rand write`` leaves out the LUKS rows).
+BENCH_QCOWFS_OPTIONS adds mount options to the qcowfs side of the main tables (say
+``io_threads=0`` to see the writes inline).
 """
 
 from __future__ import annotations
@@ -46,6 +50,20 @@ JOBS = [
     ("COW 4k QD1 (fresh overlay)", "randwrite", "4k", "psync", 1, True),
 ]
 JOB_FILTER = os.environ.get("BENCH_JOBS", "")
+QCOWFS_OPTIONS = os.environ.get("BENCH_QCOWFS_OPTIONS", "")
+
+
+def wanted(name: str) -> bool:
+    """Whether BENCH_JOBS selects the job ``name`` (every job when it is unset)."""
+    if not JOB_FILTER:
+        return True
+    for text in JOB_FILTER.split(","):
+        text = text.strip()
+        if text.startswith("^") and name.startswith(text[1:]):
+            return True
+        if text and not text.startswith("^") and text in name:
+            return True
+    return False
 
 
 def sh(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -112,12 +130,14 @@ def fuse_daemon(argv: list, mountpoint: Path, name: str, stop):
 
 
 @contextlib.contextmanager
-def qemu_export(image: Path, target: Path, writable: bool, key_file: Path | None = None):
+def qemu_export(image: Path, target: Path, writable: bool, key_file: Path | None = None,
+                direct: bool = False):
     target.touch()
     secret = ["--object", f"secret,id=key,file={key_file}"] if key_file else []
     encrypt = ",encrypt.format=luks,encrypt.key-secret=key" if key_file else ""
     argv = ["qemu-storage-daemon", *secret,
-            "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
+            "--blockdev", f"driver=file,node-name=file,filename={image},"
+                          f"cache.direct={'on' if direct else 'off'}",
             "--blockdev", f"driver=qcow2,node-name=qcow2,file=file{encrypt}",
             "--export", f"type=fuse,id=exp,node-name=qcow2,mountpoint={target},"
                         f"writable={'on' if writable else 'off'}"]
@@ -199,12 +219,13 @@ def run_jobs(d: Path, writes_read_back: bool = False) -> list[dict]:
         sh("qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=full", raw, SIZE)
     files = {"qcowfs": img_q, "qemu": img_e, "passthrough": raw}
     results = []
-    with qcowfs_mount(img_q, d / "mnt-qcowfs", "rw") as q_disk, \
+    with qcowfs_mount(img_q, d / "mnt-qcowfs", ",".join(filter(None, ["rw", QCOWFS_OPTIONS]))
+                      ) as q_disk, \
             qemu_export(img_e, d / "qemu-export", True) as e_disk, \
             passthrough_mount(raw, d / "mnt-passthrough") as p_disk:
         targets = {"qcowfs": q_disk, "qemu": e_disk, "passthrough": p_disk}
         for name, rw, bs, engine, depth, cow in JOBS:
-            if JOB_FILTER and JOB_FILTER not in name:
+            if not wanted(name):
                 continue
             writes = "write" in rw
             if writes_read_back and (cow or not writes):
@@ -257,6 +278,8 @@ def luks_jobs(d: Path) -> list[dict]:
     """The non-COW jobs on a LUKS image: qcowfs (``-o key_file=``) beside QEMU's FUSE export
     of the same kind of image and beside qcowfs on an unencrypted image, all three mounted at
     once and interleaved; rows are named "LUKS <job>" (BENCH_JOBS=LUKS runs only them)."""
+    if not any(wanted(f"LUKS {job[0]}") for job in JOBS if not job[5]):
+        return []
     key_file = d / "luks.key"
     key_file.write_bytes(LUKS_KEY.encode())
     img_q, img_e, img_p = d / "luks-qcowfs.qcow2", d / "luks-qemu.qcow2", d / "luks-plain.qcow2"
@@ -273,7 +296,7 @@ def luks_jobs(d: Path) -> list[dict]:
         files = {"qcowfs": img_q, "qemu": img_e, "plain": img_p}
         for name, rw, bs, engine, depth, cow in JOBS:
             label = f"LUKS {name}"
-            if cow or (JOB_FILTER and JOB_FILTER not in label):
+            if cow or not wanted(label):
                 continue
             samples: dict[str, list[float]] = {side: [] for side in targets}
             for i in range(SAMPLES):
@@ -325,6 +348,42 @@ def write_luks_section(doc: Path, section: str) -> None:
         head, found, rest = text.partition("## Offline commands")
         text = head + section + "\n" + found + rest if found else text + "\n" + section
     doc.write_text(text)
+
+
+CACHE_NONE_JOBS = [job for job in JOBS if not job[5]]
+
+
+def cache_none_jobs(d: Path) -> list[dict]:
+    """The non-COW jobs with the image files opened O_DIRECT on both sides: qcowfs ``-o
+    cache=none`` beside QEMU's export with ``cache.direct=on``; rows named "cache=none <job>"
+    (BENCH_JOBS=cache=none runs only them). Nothing of the images is in the page cache."""
+    if not any(wanted(f"cache=none {job[0]}") for job in CACHE_NONE_JOBS):
+        return []
+    img_q, img_e = d / "cn-qcowfs.qcow2", d / "cn-qemu.qcow2"
+    for img in (img_q, img_e):
+        if not img.exists():
+            make_image(img)
+    results = []
+    with qcowfs_mount(img_q, d / "mnt-cn", "rw,cache=none") as q_disk, \
+            qemu_export(img_e, d / "cn-export", True, direct=True) as e_disk:
+        targets = {"qcowfs": q_disk, "qemu": e_disk}
+        files = {"qcowfs": img_q, "qemu": img_e}
+        for name, rw, bs, engine, depth, _cow in CACHE_NONE_JOBS:
+            label = f"cache=none {name}"
+            if not wanted(label):
+                continue
+            samples: dict[str, list[float]] = {side: [] for side in targets}
+            for i in range(SAMPLES):
+                for side, target in targets.items():
+                    reset_cache(files[side], False)
+                    samples[side].append(fio(target, rw, bs, engine, depth, SIZE))
+                print(f"{label:<28} sample {i + 1}: " + "  ".join(
+                    f"{side} {samples[side][-1]:9.0f}" for side in targets) + " IOPS",
+                    flush=True)
+            results.append({"job": label, "bs": bs,
+                            **{side: statistics.median(samples.get(side) or [0]) or None
+                               for side in SIDES}})
+    return results
 
 
 BUFFERED_JOBS = [
@@ -463,7 +522,7 @@ def thin_rows(d: Path) -> list[dict]:
     (time; SEEK_DATA/SEEK_HOLE let it skip the holes), and fstrim of a freshly emptied ext4
     on a loop device over the disk (MiB/s given back)."""
     rows = []
-    if not JOB_FILTER or JOB_FILTER in THIN_JOBS[0]:
+    if wanted(THIN_JOBS[0]):
         sparse = d / "sparse.qcow2"
         sh("qemu-img", "create", "-q", "-f", "qcow2", sparse, SPARSE_SIZE)
         sh("qemu-io", *[a for k in range(SPARSE_DATA) for a in ("-c", f"write -P 0x5a {k}G 1M")],
@@ -477,7 +536,7 @@ def thin_rows(d: Path) -> list[dict]:
                 f"{side} {times[side][-1]:.2f} s" for side in times), flush=True)
         rows.append({"job": THIN_JOBS[0], "unit": "s",
                      **{side: statistics.median(v) for side, v in times.items()}})
-    if not JOB_FILTER or JOB_FILTER in THIN_JOBS[1]:
+    if wanted(THIN_JOBS[1]):
         rates: dict[str, list[float]] = {"qcowfs": [], "qemu": []}
         for i in range(SAMPLES):
             for side in rates:
@@ -530,14 +589,15 @@ def main() -> int:
         load_start = os.getloadavg()[0]
         print(f"bench: {SAMPLES} samples x {RUNTIME} s per job and side, images of {SIZE}, "
               f"O_DIRECT, interleaved qcowfs/QEMU/passthrough", flush=True)
-        fio_wanted = not JOB_FILTER or any(JOB_FILTER in job[0] for job in JOBS)
+        fio_wanted = any(wanted(job[0]) for job in JOBS)
         results = run_jobs(d) if fio_wanted else []
         read_back = run_jobs(d, writes_read_back=True) if fio_wanted else []
         thin = thin_rows(d)
         luks = luks_jobs(d)
+        cache_none = cache_none_jobs(d)
         if JOB_FILTER:
-            for rows, show in ((results, table), (read_back, table), (thin, thin_table),
-                               (luks, luks_table)):
+            for rows, show in ((results, table), (read_back, table), (cache_none, table),
+                               (thin, thin_table), (luks, luks_table)):
                 if rows:
                     print()
                     print(show(rows))
@@ -575,6 +635,8 @@ def main() -> int:
     print()
     print(table(read_back))
     print()
+    print(table(cache_none))
+    print()
     print(extra)
     print()
     print(thin_table(thin))
@@ -611,7 +673,11 @@ def main() -> int:
         "microseconds in this kernel (`ext4_block_write_begin` walks every block of the "
         "folio), on every side. QEMU runs those writes in its thread pool, overlapped; qcowfs "
         "runs them inline, one at a time:\n\n"
-        f"{table(read_back)}\n\n| measure | value |\n|---|---:|\n{extra}\n\n"
+        f"{table(read_back)}\n\n"
+        "`-o cache=none`: the same jobs with the image file opened O_DIRECT on both sides "
+        "(qcowfs `-o cache=none`, QEMU `cache.direct=on`), so the host page cache holds "
+        "nothing of it and every request reaches the virtio disk:\n\n"
+        f"{table(cache_none)}\n\n| measure | value |\n|---|---:|\n{extra}\n\n"
         "Thin provisioning, same samples and medians, qcowfs beside QEMU's export: "
         f"`qemu-img convert -f raw -O qcow2` of a {SPARSE_SIZE} disk holding "
         f"{SPARSE_DATA} MiB (seconds, lower is better; both sides answer SEEK_DATA/SEEK_HOLE), "

@@ -281,6 +281,15 @@ class Disk(_View):
                                             f" the disk ({self.size} bytes)", errno=_errno.EINVAL)
             self.top.write(offset, data)
 
+    def prepare_in_place(self, offset: int, data):
+        """For a write that needs no metadata change (a plain overwrite in place), everything
+        but the data write: ``(HostFile, host offset, bytes)`` to write, or None when
+        :meth:`write` must do it (see :meth:`Qcow2Writer.prepare_in_place`)."""
+        self._require_writable()
+        if self.writer is None:
+            return None
+        return self.writer.prepare_in_place(offset, data)
+
     def flush(self) -> None:
         """Everything written so far is durable when this returns."""
         self._require_writable()
@@ -375,17 +384,20 @@ class Disk(_View):
 
 def open_image(path: str, writable: bool = False, *, format: str | None = None,
                l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, zero_detect: bool = True,
-               keys: Keys = None) -> Disk:
+               keys: Keys = None, direct: bool = False) -> Disk:
     """Open ``path`` and its whole backing chain as one guest disk.
 
     Backing files are always opened read-only; ``writable`` opens the top image read/write.
     ``format`` is 'qcow2' or 'raw' (probed when None). ``zero_detect`` turns writes of all-zero
     buffers into zero clusters (v3). ``keys`` are the passwords of encrypted layers, by depth
-    (``{0: b"top's", 1: b"its backing file's"}``, or a list top first). Every problem raises a subclass of
+    (``{0: b"top's", 1: b"its backing file's"}``, or a list top first). ``direct`` opens
+    every file of the chain with O_DIRECT as well: the aligned reads and writes (all guest
+    I/O in whole sectors) bypass the host's page cache (the mount's ``-o cache=none``).
+    Every problem raises a subclass of
     :class:`qcowfs.ImageError`; an image another process writes raises LockedError.
     """
     layers = open_chain(path, fmt=format, writable=writable, l2_cache_bytes=l2_cache_bytes,
-                        keys=keys)
+                        keys=keys, direct=direct)
     try:
         lock_chain(layers, write_top=writable)
         return Disk(layers, writable, zero_detect=zero_detect)

@@ -54,17 +54,18 @@ def probe_format(path: str) -> str:
 
 def open_layer(path: str, fmt: str | None = None, *, writable: bool = False,
                l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-               open_data_file: bool = True, key: bytes | None = None) -> Layer:
+               open_data_file: bool = True, key: bytes | None = None,
+               direct: bool = False) -> Layer:
     """Open one image file as ``fmt`` (probed when None); ``key`` unlocks an encrypted
-    qcow2."""
+    qcow2; ``direct`` adds O_DIRECT for the aligned reads and writes (cache=none)."""
     probed = fmt is None
     if probed:
         fmt = probe_format(path)
     if fmt == "qcow2":
         return Qcow2Image.open(path, writable=writable, l2_cache_bytes=l2_cache_bytes,
-                               open_data_file=open_data_file, key=key)
+                               open_data_file=open_data_file, key=key, direct=direct)
     if fmt == "raw":
-        return RawImage.open(path, writable=writable, probed=probed)
+        return RawImage.open(path, writable=writable, probed=probed, direct=direct)
     raise UnsupportedError(path, f"unsupported image format {fmt!r}")
 
 
@@ -75,16 +76,17 @@ def _file_identity(path: str) -> tuple[int, int]:
 
 def open_chain(path: str, *, fmt: str | None = None, writable: bool = False,
                backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-               keys: Keys = None) -> list[Layer]:
+               keys: Keys = None, direct: bool = False) -> list[Layer]:
     """The image at ``path`` and its backing files, top first. Only the top may be writable;
     every backing file is opened read-only. ``keys`` unlock encrypted layers (by depth);
-    an encrypted layer without one opens for its metadata only. Missing files, loops and chains deeper than
+    an encrypted layer without one opens for its metadata only. ``direct`` opens every file
+    of the chain for O_DIRECT too. Missing files, loops and chains deeper than
     MAX_CHAIN_DEPTH raise BackingChainError."""
     layers: list[Layer] = []
     seen: set[tuple[int, int]] = set()
     try:
         top = open_layer(path, fmt, writable=writable, l2_cache_bytes=l2_cache_bytes,
-                         key=key_for(keys, 0))
+                         key=key_for(keys, 0), direct=direct)
         layers.append(top)
         seen.add(_file_identity(path))
         current = top
@@ -110,7 +112,7 @@ def open_chain(path: str, *, fmt: str | None = None, writable: bool = False,
             seen.add(ident)
             try:
                 current = open_layer(bpath, bfmt, l2_cache_bytes=l2_cache_bytes,
-                                     key=key_for(keys, len(layers)))
+                                     key=key_for(keys, len(layers)), direct=direct)
             except HostIOError as exc:
                 raise BackingChainError(current.path, f"cannot open backing file {bpath!r}: "
                                                       f"{exc.reason}") from None

@@ -384,15 +384,17 @@ class Qcow2Image:
     def open(cls, path: str, *, writable: bool = False,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              data_file_path: str | None = None, open_data_file: bool = True,
-             scan_snapshots: bool = False, key: bytes | None = None) -> Qcow2Image:
+             scan_snapshots: bool = False, key: bytes | None = None,
+             direct: bool = False) -> Qcow2Image:
         """Open ``path``. ``open_data_file=False`` leaves an external data file closed (for
         commands that only look at metadata, as qemu-img info does). ``scan_snapshots=True``
         (for check) reads a snapshot table the repair can fix -- more than 65536 entries,
         extra data over 1024 bytes, over 64 MiB -- keeping what QEMU's repair keeps and
         recording the rest in ``snapshot_scan``. ``key`` is the password of an encrypted
         image; without it the image opens for its metadata only (reads of its data raise
-        :class:`KeyRequiredError`), as qemu-img info opens one."""
-        file = HostFile(path, writable)
+        :class:`KeyRequiredError`), as qemu-img info opens one. ``direct`` opens the file
+        (and an external data file) for O_DIRECT as well (see :class:`HostFile`)."""
+        file = HostFile(path, writable, direct=direct)
         try:
             header = read_header(file)
             image = cls(path, file, header, l2_cache_bytes=l2_cache_bytes)
@@ -472,7 +474,7 @@ class Qcow2Image:
             raise FormatError(self.path, "image needs an external data file but names none")
         full = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
         try:
-            self.data_file = HostFile(full, self.file.writable)
+            self.data_file = HostFile(full, self.file.writable, direct=self.file.direct)
         except HostIOError as exc:
             raise BackingChainError(self.path, f"cannot open external data file {full!r}: "
                                                f"{exc.reason}") from None

@@ -23,8 +23,9 @@ class RawImage:
         self.probed = probed
 
     @classmethod
-    def open(cls, path: str, *, writable: bool = False, probed: bool = False) -> RawImage:
-        return cls(path, HostFile(path, writable), probed=probed)
+    def open(cls, path: str, *, writable: bool = False, probed: bool = False,
+             direct: bool = False) -> RawImage:
+        return cls(path, HostFile(path, writable, direct=direct), probed=probed)
 
     @property
     def size(self) -> int:

@@ -41,6 +41,7 @@ from qcowfs.format.tables import (
     encode_u64_table,
 )
 from qcowfs.image import bitmaps as persistent
+from qcowfs.image.hostfile import HostFile
 from qcowfs.image.qcow2 import FillFn, Qcow2Image
 from qcowfs.image.refcount import Refcounts
 
@@ -494,41 +495,69 @@ class Qcow2Writer:
         """The common case in one step: the range lies in clusters of one L2 table that the
         active disk owns alone and that follow each other on the host (standard L2, no data
         file): one ``pwrite``, no plan. False when the general path must handle it."""
-        n = len(view)
+        at = self._in_place_host(offset, len(view))
+        if at is None:
+            return False
+        if self.crypto is not None:
+            view = memoryview(self.crypto.encrypt(view, at, offset))
+        self.file.write(at, view)
+        self._image_unsynced = True
+        return True
+
+    def _in_place_host(self, offset: int, n: int) -> int | None:
+        """Where in the image file ``[offset, offset + n)`` is overwritten in place (see
+        :meth:`_write_in_place`), or None when the write needs the general path."""
         cb = self.cb
         if (self.extended or self.has_data_file or self.broken or self.closed or not n
                 or offset < 0 or offset + n > self.img.active.size):
-            return False
+            return None
         first, last = offset >> cb, (offset + n - 1) >> cb
         l2_bits = self.l2_bits
         if first >> l2_bits != last >> l2_bits:
-            return False
+            return None
         img = self.img
         l1e = img.active.l1[first >> l2_bits]
         if not l1e & COPIED:
-            return False
+            return None
         table = img.l2_cache.get(l1e & L1E_OFFSET_MASK)
         i = first & (img.l2_entries - 1)
         entry = table[i]
         if not entry & COPIED or entry & (ZERO_FLAG | COMPRESSED):
-            return False
+            return None
         host = entry & L2E_OFFSET_MASK
         meta = self._meta
         if not host or host >> cb in meta:
-            return False  # the general path reports the overlap
+            return None  # the general path reports the overlap
         expect = entry
         for _ in range(last - first):
             i += 1
             expect += self.cs
             # Same flags, next host cluster: anything else goes the general way.
             if table[i] != expect or (expect & L2E_OFFSET_MASK) >> cb in meta:
-                return False
-        at = host + (offset & (self.cs - 1))
+                return None
+        return host + (offset & (self.cs - 1))
+
+    def prepare_in_place(self, offset: int, data) -> tuple[HostFile, int, memoryview] | None:
+        """Everything of a plain overwrite in place but the data write itself.
+
+        When writing ``data`` at guest ``offset`` changes no metadata (an unencrypted
+        overwrite of clusters the active disk owns alone, not all zeros under
+        ``zero_detect``), this does the bookkeeping (bitmaps, the flush's duty to sync) and
+        returns ``(file, host offset, bytes)``: the caller writes them there itself, from any
+        thread, and must finish that before any other call into this writer that changes or
+        frees clusters, or flushes (the mount's barrier). None: call :meth:`write`."""
         if self.crypto is not None:
-            view = memoryview(self.crypto.encrypt(view, at, offset))
-        self.file.write(at, view)
+            return None
+        view = memoryview(data).cast("B")
+        if self.zero_detect and not self.raw_data_file and is_zero(view):
+            return None
+        at = self._in_place_host(offset, len(view))
+        if at is None:
+            return None
+        if self.bitmaps is not None:
+            self.mark_bitmaps(offset, len(view))
         self._image_unsynced = True
-        return True
+        return self.file, at, view
 
     def _write(self, offset: int, view: memoryview, zero: bool) -> None:
         self.check_usable()

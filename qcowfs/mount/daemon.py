@@ -202,7 +202,8 @@ def open_disk(image: str, opts: MountOptions):
     def attempt(key: bytes | None):
         keys = _SameKey(key) if key is not None else None
         return open_image(image, writable=not opts.read_only, format=opts.format,
-                          zero_detect=opts.zero_detect, keys=keys, **kwargs)
+                          zero_detect=opts.zero_detect, keys=keys,
+                          direct=opts.cache == "none", **kwargs)
 
     try:
         return attempt(key)
@@ -341,7 +342,8 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
         sd_notify("READY=1\nSTATUS=serving " + mountpoint)
 
     ops = QcowfsOperations(tree, direct_io=opts.direct_io, allow_shrink=opts.allow_shrink,
-                           attr_timeout=opts.attr_timeout, on_init=report_ready)
+                           attr_timeout=opts.attr_timeout, on_init=report_ready,
+                           io_threads=opts.io_threads, io_slow_us=opts.io_slow_us)
     if req.debug:
         enable_tracing(ops)
     for signum in STOP_SIGNALS:  # until trio takes over: remember, do not die mid-mount
@@ -349,6 +351,7 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
     try:
         _fuse_init(ops, mountpoint, opts.fuse_options(image))
     except MountError as exc:
+        ops.close_pool()
         tree.close()
         _close_disk(disk, opts, quiet=True)
         if ready_fd is None:
@@ -367,6 +370,7 @@ def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | 
         log.error("the FUSE loop failed: %s", exc, exc_info=exc)
     finally:
         sd_notify("STOPPING=1")
+        ops.close_pool()  # every deferred write answered before the session goes
         try:
             pyfuse3.close(unmount=True)
         except Exception as exc:

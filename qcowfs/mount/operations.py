@@ -22,13 +22,17 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 import pyfuse3
 import trio
 
 from qcowfs.errors import ImageError
+from qcowfs.image.hostfile import aligned_buffer
 
+from .datapool import SLOW_NS, DataPool
 from .mounts import XATTR_IMAGE, XATTR_PID
+from .requestloop import request_waiting
 from .tree import Attr, FsError, Kind, Tree
 
 log = logging.getLogger("qcowfs.mount")
@@ -39,6 +43,12 @@ FALLOC_FL_ZERO_RANGE = 0x10
 #: The fallocate modes a thin block device takes; anything else is EOPNOTSUPP.
 FALLOCATE_MODES = frozenset({0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
                              FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
+
+
+def binding_defers_writes() -> bool:
+    """Whether this pyfuse3 lets a write be answered later from a thread (qcowfs's second
+    patch, pyfuse3.defer_write_reply)."""
+    return bool(getattr(pyfuse3, "HANDLES_DEFERRED_WRITES", False))
 
 
 def binding_has_thin_handlers() -> bool:
@@ -64,7 +74,8 @@ class QcowfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, tree: Tree, *, direct_io: bool, allow_shrink: bool,
-                 attr_timeout: float = 1.0, on_init=None):
+                 attr_timeout: float = 1.0, on_init=None, io_threads: int = 0,
+                 io_slow_us: int = SLOW_NS // 1000):
         super().__init__()
         self.tree = tree
         self.disk = tree.disk
@@ -78,7 +89,11 @@ class QcowfsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._on_init = on_init
         self.errors = 0
-        self._read_buf = memoryview(bytearray(1 << 20))
+        self._read_buf = aligned_buffer(1 << 20)
+        #: plain threads for slow in-place writes (datapool.py); None: every write inline
+        self.pool: DataPool | None = None
+        if io_threads and not self.read_only and binding_defers_writes():
+            self.pool = DataPool(io_threads, slow_ns=io_slow_us * 1000)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -128,10 +143,23 @@ class QcowfsOperations(pyfuse3.Operations):
         return pyfuse3.FUSEError(errno.EIO)
 
     async def _lock(self) -> None:
+        """Take ``meta_lock`` for a metadata change, and wait for every data write in flight
+        (the barrier: see datapool.py)."""
         try:
             self.meta_lock.acquire_nowait()
         except trio.WouldBlock:
             await self.meta_lock.acquire()
+        if self.pool is not None:
+            self.pool.drain()
+
+    def close_pool(self) -> None:
+        """Wait for the writes in flight and stop the pool (before the session closes)."""
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+            if pool.offloaded:
+                log.info("%d writes ran on the data threads (%d failed)", pool.offloaded,
+                         pool.failed)
 
     # --- names and attributes -------------------------------------------------------------
 
@@ -242,7 +270,7 @@ class QcowfsOperations(pyfuse3.Operations):
         # request runs, so one buffer serves every read (no 1 MiB allocation per request).
         buf = self._read_buf
         if size > len(buf):
-            buf = self._read_buf = memoryview(bytearray(size))
+            buf = self._read_buf = aligned_buffer(size)
         try:
             n = view.readinto(buf[:size], off)
         except Exception as exc:
@@ -268,8 +296,23 @@ class QcowfsOperations(pyfuse3.Operations):
             self.meta_lock.acquire_nowait()
         except trio.WouldBlock:
             await self.meta_lock.acquire()
+        pool = self.pool
         try:
-            disk.write(off, buf)
+            if pool is None:
+                disk.write(off, buf)
+            else:
+                target = disk.prepare_in_place(off, buf)
+                if target is None:
+                    pool.drain()  # the barrier: this write may allocate or copy clusters
+                    disk.write(off, buf)
+                elif pool.wants(request_waiting):
+                    file, host, view = target
+                    pool.submit(file, host, view, pyfuse3.defer_write_reply(), n)
+                else:
+                    file, host, view = target
+                    t0 = time.perf_counter_ns()
+                    file.write(host, view)
+                    pool.note(time.perf_counter_ns() - t0)
         except Exception as exc:
             raise self._fail(exc, f"write of {n} bytes at offset {off}") from None
         finally:

@@ -18,6 +18,12 @@ IGNORED = frozenset({
 #: Mount flags handed on to the kernel as they are.
 KERNEL_FLAGS = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime"})
 
+#: ``-o cache=``: whether the image files go through the host's page cache (QEMU's names)
+CACHE_MODES = ("writeback", "none")
+
+#: ``-o io_threads=`` is capped here: more threads than this only contend for the GIL
+MAX_IO_THREADS = 16
+
 _SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -39,8 +45,14 @@ class MountOptions:
     l2_cache_bytes: int | None = None
     zero_detect: bool = True
     direct_io: bool = True
+    #: the host page cache under the image files: "writeback" (used) or "none" (O_DIRECT)
+    cache: str = "writeback"
     fast_loop: bool = True
     poll_us: int = 50  # how long the request loop polls before it sleeps (requestloop)
+    #: threads for slow in-place writes (datapool.py); 0 writes everything inline
+    io_threads: int = 2
+    #: in-place writes go to a thread once they average more than this (0: all of them)
+    io_slow_us: int = 25
     allow_shrink: bool = False
     nonempty: bool = False  # mount over a folder that holds files (hiding them)
     attr_timeout: float = 1.0
@@ -163,8 +175,16 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.zero_detect = _bool(name, value)
     elif name == "direct_io":
         opts.direct_io = _bool(name, value)
+    elif name == "cache":
+        if value not in CACHE_MODES:
+            raise OptionError(f"option cache: {value!r} is not none or writeback")
+        opts.cache = value
     elif name == "fast_loop":
         opts.fast_loop = _bool(name, value)
+    elif name == "io_threads":
+        opts.io_threads = min(_int(name, value), MAX_IO_THREADS)
+    elif name == "io_slow_us":
+        opts.io_slow_us = min(_int(name, value), 1_000_000)
     elif name == "poll_us":
         opts.poll_us = min(_int(name, value), 10_000)
     elif name == "attr_timeout":

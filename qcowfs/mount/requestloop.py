@@ -90,6 +90,10 @@ class _FastLowlevel:
                         return
         await trio.lowlevel.wait_readable(fd)
 
+    def pending(self) -> bool:
+        """Whether a request is waiting to be read (a zero-timeout poll)."""
+        return any(p.poll(0) for p in self._polls.values())
+
     def notify_closing(self, fd) -> None:
         self._polls.pop(fd, None)
         trio.lowlevel.notify_closing(fd)
@@ -122,8 +126,16 @@ def uninstall() -> None:
     pyfuse3.trio = trio
 
 
+def request_waiting() -> bool:
+    """Whether the kernel has a request queued that the loop has not read yet (always False
+    without the fast loop, which owns the poller)."""
+    fast = getattr(pyfuse3, "trio", None)
+    return isinstance(fast, FastTrio) and fast.lowlevel.pending()
+
+
 def installed() -> bool:
     return isinstance(getattr(pyfuse3, "trio", None), FastTrio)
 
 
-__all__ = ["FastLock", "FastTrio", "YIELD_EVERY", "install", "uninstall", "installed"]
+__all__ = ["FastLock", "FastTrio", "YIELD_EVERY", "install", "uninstall", "installed",
+           "request_waiting"]
