@@ -205,5 +205,7 @@ def _downgrade(plan: Plan, disk) -> None:
 
 
 #: upgrade first (later options may need v3), downgrade last (after what v2 cannot hold is
-#: gone); the backing file is only ever checked (``_refuse``)
+#: gone); the backing file is only ever checked (``_refuse``). The ``encrypt.*`` key-slot
+#: step belongs between ``_upgrade`` and ``_refcount_bits`` (QEMU's order); until it exists
+#: ``_refuse`` refuses those options.
 STEPS = (_upgrade, _refcount_bits, _data_file, _lazy_refcounts, _size, _downgrade)
