@@ -40,7 +40,8 @@ def register(sub) -> None:
     p = sub.add_parser("amend", help="change a qcow2 image's options in place",
                        description="Change options of an existing qcow2 image, as `qemu-img "
                                    "amend` does: compat=, refcount_bits=, lazy_refcounts=, "
-                                   "size=, data_file=, data_file_raw=off; -o help "
+                                   "size=, data_file=, data_file_raw=off, LUKS key slots "
+                                   "(encrypt.*); -o help "
                                    "lists qemu-img's.")
     p.add_argument("-f", dest="format", choices=("qcow2", "raw"), help="image format (probed)")
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS")
