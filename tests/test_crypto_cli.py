@@ -199,3 +199,19 @@ def test_a_wrong_key_is_one_line_for_every_command_and_writes_nothing(
     assert res.err == f"qcowfs: {name}: {img}: invalid password\n"
     assert img.read_bytes() == before
     assert not out.exists()
+
+
+def test_resize_of_a_luks_image_grows_and_shrinks_as_qemu_sees_it(images, tmp_path: Path):
+    img = tmp_path / "luks.qcow2"
+    img.write_bytes(images["luks"].read_bytes())
+    want = bytearray(q.to_raw_encrypted(img, tmp_path / "want.raw", [KEY]))
+    res = qcowfs("resize", *_opts(img), "8M")
+    assert res.code == 0, res.err
+    got = q.to_raw_encrypted(img, tmp_path / "grown.raw", [KEY])
+    assert got == bytes(want) + bytes(4 * MiB)
+    q.qemu_io_encrypted(img, [KEY], "write -P 0x5d 7M 4096")
+    res = qcowfs("resize", "--shrink", *_opts(img), "3M")
+    assert res.code == 0, res.err
+    assert q.to_raw_encrypted(img, tmp_path / "shrunk.raw", [KEY]) == bytes(want[:3 * MiB])
+    code, report = q.check_encrypted(img, [KEY])
+    assert code == 0, report

@@ -20,7 +20,9 @@ MiB = 1 << 20
     "encrypt.format=luks,encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha512",
     "encrypt.format=luks,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
     "encrypt.ivgen-hash-alg=sha256,encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1",
+    "encrypt.format=luks,encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc",
     "encrypt.format=aes",
+    "encryption=on",  # qemu-img's old spelling of encrypt.format=aes
 ])
 def test_created_encrypted_image_opens_in_qemu(tmp_path: Path, enc: str):
     img = tmp_path / "new.qcow2"
@@ -31,7 +33,7 @@ def test_created_encrypted_image_opens_in_qemu(tmp_path: Path, enc: str):
     assert res.code == 0, res.err
     info = q.info(img)
     assert info["encrypted"] is True
-    fmt = enc.split("=")[1].split(",")[0]
+    fmt = "aes" if enc == "encryption=on" else enc.split("=")[1].split(",")[0]
     assert info["format-specific"]["data"]["encrypt"]["format"] == fmt
     q.qemu_io_encrypted(img, [KEY], "write -P 0x71 4096 100000", "read -P 0x71 4096 100000",
                         "read -P 0 0 4096")
@@ -83,6 +85,12 @@ def test_encryption_needs_a_known_secret(tmp_path: Path):
     res = qcowfs("create", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=zz",
                  img, "1M")
     assert res.code == 1 and "No secret with id 'zz'" in res.err
+    # a secret without a format makes nothing, in qemu-img too: legacy AES only when named
+    res = qcowfs("create", "-f", "qcow2", "--object", SECRET, "-o", "encrypt.key-secret=k",
+                 img, "1M")
+    assert res.code == 1 and "encrypt.format" in res.err
+    assert q.qemu_img("create", "-f", "qcow2", "--object", SECRET, "-o",
+                      "encrypt.key-secret=k", str(img), "1M", check=False).returncode == 1
     assert not img.exists()
 
 

@@ -20,6 +20,7 @@ ENCRYPTIONS = {
     "luks-xts": {},
     "luks-cbc-essiv": {"encrypt.cipher-mode": "cbc", "encrypt.ivgen-alg": "essiv",
                        "encrypt.ivgen-hash-alg": "sha256", "encrypt.cipher-alg": "aes-128"},
+    "luks-cast5-cbc": {"encrypt.cipher-mode": "cbc", "encrypt.cipher-alg": "cast5-128"},
     "aes": {"encrypt_format": "aes"},
 }
 
