@@ -98,6 +98,21 @@ REGRESSIONS = [
                  "the claimed size in a million 1 GiB steps (hand-made from two header fields "
                  "the mutator rarely changes together; chain/blockstatus.py entries)",
                  id="size-1PiB-map"),
+    pytest.param("snapshots", [("snapshot[1].l1_size", 110672, "0001e000"),
+                               ("l1@0x3000", 12288, "8000000000015fff"),
+                               ("refblock@0x2025", 8229, "00")], ["check-r-all", JUDGE],
+                 "check -r all made it worse (qemu-img check: 1578 corruptions, then 1592): a "
+                 "snapshot L1 claimed past the end of the file was not walked at all, where "
+                 "QEMU walks the part inside the file, so the rebuilt refcount blocks went "
+                 "where QEMU sees that L1 (walk.py read_table). Now the walk matches QEMU's, "
+                 "the rebuild is refused by QEMU's overlap rule (the claimed L1 covers every "
+                 "free cluster) and the check exits 1 as qemu-img does, but only after the "
+                 "new refcount structure was switched in: 1605 corruptions (qemu-img -r all "
+                 "itself leaves 1580). Open: check the rebuild's clusters against the overlap "
+                 "rule before writing anything.",
+                 id="snapshot-l1-past-eof-rebuild-refused",
+                 marks=pytest.mark.xfail(strict=True, reason="rebuild written before the "
+                                         "overlap refusal (open)")),
 ]
 
 
@@ -115,8 +130,7 @@ def test_fuzz_find_stays_fixed(tmp_path, kind, rows, steps, before):
     result = run_case(case, ["read", "info", *(s for s in steps if s != JUDGE)], limit=2.0)
     assert not result.finds, (f"{before}; now: "
                               f"{[(f.step, f.kind, f.detail[-800:]) for f in result.finds]}")
-    if JUDGE in steps:
-        assert result.codes.get("check-r-all") in (0, 2, 3), result.codes
+    if JUDGE in steps:  # also when the repair stopped part-way (exit 1): it may have written
         worse = judge_case(case)
         assert worse is None, f"{before}; now: {worse}"
 

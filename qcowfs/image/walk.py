@@ -134,13 +134,16 @@ class _Walker:
                 beyond[i] = beyond.get(i, 0) + 1
 
     def read_table(self, offset: int, nbytes: int, what: str) -> array | None:
-        """A table; one that ends less than a cluster past the end of the file is read as QEMU
-        reads it, its missing tail as zero entries (a file cut inside its last cluster)."""
-        if offset + nbytes > self.file.size:
-            if offset >= self.file.size or offset + nbytes - self.file.size >= self.cs:
+        """A table as QEMU's check reads it: the part past the end of the file as zero entries,
+        so only the part inside the file is read (the work stays bounded by the file). Ending
+        a cluster or more past the end is also an error."""
+        size = self.file.size
+        if offset + nbytes > size:
+            if offset >= size or offset + nbytes - size >= self.cs:
                 self.defect(f"{what} at offset {offset} lies past the end of the file", offset)
+            if offset >= size:
                 return None
-            nbytes = (self.file.size - offset) // 8 * 8
+            nbytes = (size - offset) // 8 * 8
         return decode_u64_table(self.file.read(offset, nbytes))
 
     def read_l2(self, offset: int) -> array:
