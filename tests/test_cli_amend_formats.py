@@ -49,6 +49,13 @@ def _amend_both(d: Path, img: Path, opts: str):
     return want, got, ours, orig, snaps
 
 
+def _amend_and_judge(d: Path, img: Path, opts: str) -> Path:
+    """Amend ``img`` both ways and judge ours against qemu-img's; our copy."""
+    want, got, ours, orig, snaps = _amend_both(d, img, opts)
+    _judge(d, want, got, img, ours, orig, snaps)
+    return ours
+
+
 def _judge(d: Path, want, got, img: Path, ours: Path, orig: Path, snaps: dict[str, bytes],
            *, same_info: bool = True) -> None:
     assert want.returncode == got.code == 0, (want.stderr, got.err)
@@ -151,8 +158,7 @@ DOWNGRADE = {"zeros_backed": zeros_backed, "zeros_alone": zeros_alone,
 @pytest.mark.parametrize("name", sorted(DOWNGRADE))
 def test_downgrade_as_qemu(tmp_path, name):
     img = DOWNGRADE[name](tmp_path)
-    want, got, ours, orig, snaps = _amend_both(tmp_path, img, "compat=0.10")
-    _judge(tmp_path, want, got, img, ours, orig, snaps)
+    ours = _amend_and_judge(tmp_path, img, "compat=0.10")
     assert not any(m.get("zero") and not m.get("data") and m["present"] and "offset" in m
                    for m in map_json(ours)), "a preallocated zero cluster is left"
     # and back: the same as qemu-img's upgrade of qemu-img's downgrade
@@ -162,8 +168,7 @@ def test_downgrade_as_qemu(tmp_path, name):
 
 def test_downgrade_keeps_snapshot_data_under_zero_clusters(tmp_path):
     img = zero_under_snapshot(tmp_path)
-    want, got, ours, orig, snaps = _amend_both(tmp_path, img, "compat=0.10")
-    _judge(tmp_path, want, got, img, ours, orig, snaps)
+    _amend_and_judge(tmp_path, img, "compat=0.10")
 
 
 def test_downgrade_drops_bitmaps_without_leaks(tmp_path):
@@ -171,8 +176,7 @@ def test_downgrade_drops_bitmaps_without_leaks(tmp_path):
     warns and check finds their clusters leaked. qcowfs removes them: the same info, a clean
     check."""
     img = with_bitmap(tmp_path)
-    want, got, ours, orig, snaps = _amend_both(tmp_path, img, "compat=0.10")
-    _judge(tmp_path, want, got, img, ours, orig, snaps)
+    ours = _amend_and_judge(tmp_path, img, "compat=0.10")
     assert check(img)[0] == 3  # QEMU's leaked bitmap clusters
     assert "bitmaps" not in info(ours)["format-specific"]["data"]
 
@@ -203,8 +207,7 @@ WIDTHS = [1, 2, 4, 8, 16, 32, 64]
 def test_refcount_bits_as_qemu(tmp_path, bits, start):
     img = create(tmp_path / "img.qcow2", "4M", refcount_bits=start, cluster_size=4096)
     qemu_io(img, "write -P 1 0 1M", "write -z 1M 64k", "write -P 2 3M 100k")
-    want, got, ours, orig, snaps = _amend_both(tmp_path, img, f"refcount_bits={bits}")
-    _judge(tmp_path, want, got, img, ours, orig, snaps)
+    ours = _amend_and_judge(tmp_path, img, f"refcount_bits={bits}")
     assert info(ours)["format-specific"]["data"]["refcount-bits"] == bits
 
 
@@ -214,8 +217,7 @@ def test_refcount_bits_with_snapshots_and_compression(tmp_path, bits):
     if bits == 2:  # 32 compressed clusters share a host cluster
         _refused(tmp_path, img, "refcount_bits=2")
         return
-    want, got, ours, orig, snaps = _amend_both(tmp_path, img, f"refcount_bits={bits}")
-    _judge(tmp_path, want, got, img, ours, orig, snaps)
+    _amend_and_judge(tmp_path, img, f"refcount_bits={bits}")
 
 
 def test_refcount_bits_many_blocks(tmp_path):
@@ -224,14 +226,12 @@ def test_refcount_bits_many_blocks(tmp_path):
     img = create(tmp_path / "img.qcow2", "8M", cluster_size=512)
     qemu_io(img, "write -P 1 0 3M")
     for bits in (64, 1, 32):
-        want, got, ours, orig, snaps = _amend_both(tmp_path, img, f"refcount_bits={bits}")
-        _judge(tmp_path, want, got, img, ours, orig, snaps)
+        _amend_and_judge(tmp_path, img, f"refcount_bits={bits}")
 
 
 def test_refcount_bits_on_a_dirty_image(tmp_path):
     img = dirty_lazy(tmp_path)
-    want, got, ours, orig, snaps = _amend_both(tmp_path, img, "refcount_bits=4")
-    _judge(tmp_path, want, got, img, ours, orig, snaps)
+    _amend_and_judge(tmp_path, img, "refcount_bits=4")
 
 
 def test_data_file(tmp_path):
@@ -241,8 +241,7 @@ def test_data_file(tmp_path):
     shutil.copy(tmp_path / "img.data", tmp_path / "other.data")
     for opts in ("data_file_raw=on", "data_file_raw=off", f"data_file={tmp_path}/other.data",
                  f"data_file_raw=off,data_file={tmp_path}/img.data"):
-        want, got, ours, orig, snaps = _amend_both(tmp_path, img, opts)
-        _judge(tmp_path, want, got, img, ours, orig, snaps)
+        _amend_and_judge(tmp_path, img, opts)
 
 
 def test_data_file_removed_from_the_header(tmp_path):

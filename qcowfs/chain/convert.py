@@ -25,8 +25,7 @@ from qcowfs.image.writebehind import WriteBehind
 
 from .blockstatus import ChainStatus
 from .disk import Disk, SnapshotDisk
-from .pipeline import ReadAhead as _ReadAhead
-from .pipeline import parallel_decompression
+from .pipeline import ReadAhead, parallel_decompression
 
 SPARSE_BLOCK = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read (and zero-scanned) per step
@@ -144,7 +143,7 @@ def to_raw(src: Source, dst: str, progress: Progress | None = None,
     try:
         out.truncate(src.size)
         with parallel_decompression(src), \
-                _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+                ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
             for pos, data in chunks:
                 spans = sparse_spans(data, pos, sparse)
                 if spans:
@@ -188,7 +187,7 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
                 ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
         pending: deque = deque()  # (first cluster, data, actions, compressed streams)
         with parallel_decompression(src, backing), \
-                _ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
+                ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
             for c, data, below in chunks:
                 actions = _cluster_actions(data, below, cs, c * cs, sparse)
                 packed = None
@@ -342,7 +341,7 @@ def to_qcow2_in_place(src: Source, dst: str, options: QcowOptions,
         out = open_image(partial, writable=True, format="qcow2", keys=keys, zero_detect=False)
         try:
             sent = 0
-            with _ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
+            with ReadAhead(_read_chunks(src, _nonzero_runs(src))) as chunks:
                 for pos, data in chunks:
                     view = memoryview(data)
                     for s, e in sparse_spans(data, pos, sparse):
