@@ -18,8 +18,9 @@ def register(subparsers) -> None:
                    help="comma-separated mount options: ro, rw, format=qcow2|raw, key_file=PATH, "
                         "allow_other, "
                         "allow_root, uid=, gid=, umask=, l2_cache_size=, zero_detect=on|off, "
-                        "direct_io=on|off, fast_loop=on|off, poll_us=, allow_shrink, "
-                        "attr_timeout=, fsname= (see docs/mount.md)")
+                        "direct_io=on|off, cache=writeback|none, io_threads=, io_slow_us=, "
+                        "fast_loop=on|off, poll_us=, allow_shrink, attr_timeout=, fsname= "
+                        "(see docs/mount.md)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground (for systemd and debugging)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
