@@ -230,3 +230,17 @@ def test_closed_pipe_is_quiet(tmp_path):
     p = subprocess.run(f"{sys.executable} -m qcowfs info --backing-chain {img} | head -c 1",
                        shell=True, capture_output=True, timeout=60)
     assert p.stdout == b"i" and p.stderr == b""
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "{src}", "-O", "raw", "{out}"],
+    ["convert", "--image-opts", "driver=qcow2,file.filename={src}", "-O", "raw", "{out}"],
+    ["convert", "{src}", "{out}", "-O", "raw"],
+])
+def test_options_between_operands(tmp_path, argv):
+    """qemu-img's getopt takes options anywhere on the line; so does qcowfs."""
+    src, out = good(tmp_path), tmp_path / "out.raw"
+    p = qcowfs_subprocess(*[a.format(src=src, out=out) for a in argv])
+    assert p.returncode == 0, p.stderr
+    assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, out],
+                          capture_output=True).returncode == 0

@@ -43,6 +43,20 @@ class Parser(argparse.ArgumentParser):
         # (with bz2 and lzma) for the terminal width: the same width, from os, costs nothing.
         return self.formatter_class(prog=self.prog, width=_columns() - 2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """A command's own parser takes options between its operands, as qemu-img's getopt
+        does (``convert SRC -O raw DEST``); argparse alone would end a ``*`` operand list at
+        the first option."""
+        if " " not in self.prog or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+    _intermixing = False
+
     def error(self, message: str):
         where = self.prog.replace(" ", ": ", 1) if " " in self.prog else self.prog
         if where == "qcowfs" and self.command:
