@@ -217,6 +217,8 @@ def test_progress_bar_only_when_asked(tmp_path):
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
     shown = qcowfs_subprocess("convert", "-p", str(img), str(tmp_path / "b.raw"), timeout=60)
     assert shown.returncode == 0 and "convert" in shown.stderr
+    amended = qcowfs_subprocess("amend", "-p", "-o", "lazy_refcounts=on", str(img), timeout=60)
+    assert amended.returncode == 0 and "amend" in amended.stderr
 
 
 def test_closed_pipe_is_quiet(tmp_path):

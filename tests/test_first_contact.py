@@ -217,6 +217,19 @@ def test_mount_refuses_the_folder_that_holds_the_image(tmp_path):
 
 # --- a fresh venv: pip install . alone ------------------------------------------------------
 
+_BUILT = shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__",
+                                ".pytest_cache", ".ruff_cache", ".hypothesis")
+
+
+def _not_source(folder: str, names: list[str]) -> set[str]:
+    """What a fresh clone would not have: build products, and bench/out with whatever a
+    benchmark has mounted there at the time."""
+    skip = set(_BUILT(folder, names))
+    if os.path.basename(folder) == "bench":
+        skip.add("out")
+    return skip | {n for n in names if os.path.ismount(os.path.join(folder, n))}
+
+
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory):
     """A new venv with nothing but ``pip install <this checkout>`` (pyfuse3 built by pip)."""
@@ -224,9 +237,7 @@ def fresh_venv(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("venv")
     src = root / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "*.egg-info", "build", "__pycache__", ".pytest_cache", ".ruff_cache",
-        ".hypothesis"))
+    shutil.copytree(REPO, src, ignore=_not_source)
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     p = subprocess.run([venv / "bin" / "pip", "install", "-q", src], capture_output=True,

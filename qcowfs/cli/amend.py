@@ -12,6 +12,7 @@ from .amend_keyslots import key_slot_change
 from .common import parse_bool, parse_options, parse_size
 from .imageopts import add_image_source
 from .main import CommandError
+from .progress import progress_bar
 
 #: what ``-o help`` lists, in qemu-img 7.2's order and words
 AMEND_HELP = (
@@ -77,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
         plan = _parse(opts, disk.writer)
         plan.slots = slots
         _refuse(plan, disk)
-        for step in STEPS:
-            step(plan, disk, args.force)
+        with progress_bar(args.progress and not args.quiet, len(STEPS), "amend",
+                          unit="step") as advance:
+            for step in STEPS:
+                step(plan, disk, args.force)
+                advance(1)
     finally:
         disk.close()
     return 0

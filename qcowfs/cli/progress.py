@@ -8,15 +8,16 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def progress_bar(enabled: bool, total: int | None, desc: str = ""):
-    """A callable ``advance(nbytes)``; does nothing when the bar is off. A total of None (or
-    0) shows a running count without a percentage."""
+def progress_bar(enabled: bool, total: int | None, desc: str = "", unit: str = "B"):
+    """A callable ``advance(n)`` (bytes, or ``unit``); does nothing when the bar is off. A
+    total of None (or 0) shows a running count without a percentage."""
     if not enabled:
         yield lambda n: None
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+    scaled = unit == "B"
+    bar = tqdm(total=total or None, unit=unit, unit_scale=scaled, unit_divisor=1024, desc=desc,
                file=sys.stderr, leave=False)
     try:
         yield bar.update
