@@ -66,7 +66,7 @@ def campaign(seconds: float, seed: int, out: Path, kinds: list[str], mount_every
                 step_time[step] += secs
                 step_runs[step] += 1
             if judge_every and n % judge_every == 0 and not result.finds \
-                    and result.codes.get("check-r-all") in (0, 2, 3):
+                    and result.codes.get("check-r-all") in (0, 1, 2, 3):
                 judged += 1
                 t0 = time.monotonic()
                 worse = judge_case(case)

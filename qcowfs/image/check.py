@@ -77,7 +77,8 @@ class CheckResult:
 
 
 class _Refused(Exception):
-    """A repair write would land on other metadata: QEMU's overlap check refuses it."""
+    """A repair write would land on other metadata: QEMU's overlap check refuses it. ``args``:
+    the metadata kind it overlaps, and the line that says which write failed (or None)."""
 
 
 # QEMU's metadata kinds, in the order its overlap check tries them
@@ -127,12 +128,16 @@ class _Guard:
         self.image = image
         self.kinds = {k: _sorted_ranges(v) for k, v in _metadata_clusters(image, refs).items()}
 
-    def check(self, kind: str, offset: int, length: int) -> None:
+    def check(self, kind: str | None, offset: int, length: int, failed: str | None = None
+              ) -> None:
+        """Refuse a write of ``kind`` (None: a new structure, which may overlap no metadata,
+        old refcount structures included) at ``offset``; ``failed`` names the write in the
+        message."""
         cs = self.image.cluster_size
         first, end = offset // cs, -(-(offset + length) // cs)
         for other in _OVERLAP_KINDS:
             if other != kind and _overlaps(self.kinds[other], first, end):
-                raise _Refused(other)
+                raise _Refused(other, failed)
 
 
 def _sorted_ranges(ranges: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -163,6 +168,8 @@ def check_image(image: Qcow2Image, fix: int = 0) -> CheckResult:
         res.messages.append(f"qcow2: Marking image as corrupt: Preventing invalid write on "
                             f"metadata (overlaps with {exc.args[0]}); further corruption "
                             f"events will be suppressed")
+        if exc.args[1]:
+            res.messages.append(f"{exc.args[1]}: Input/output error")
         h = image.header
         if h.version >= 3:
             flags = h.incompatible_features | hdr.INCOMPAT_CORRUPT
@@ -189,6 +196,7 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
     nb = _cluster_count(refs, tally)
 
     before = (res.corruptions, res.leaks)
+    freed: list[int] = []
     highest, needs_rebuild = _compare(refs, tally, nb, 0, res)
     rebuild = rebuild or needs_rebuild
     if rebuild and fix & FIX_ERRORS:
@@ -203,8 +211,7 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
         scratch = CheckResult(messages=saved)
         nb = _cluster_count(refs, tally)
         highest, _ = _compare(refs, tally, nb, FIX_LEAKS, scratch)
-        refs.flush(_Guard(image, refs))
-        _punch(image, scratch.freed)
+        freed = scratch.freed
         if res.corruptions < old[0]:
             res.corruptions_fixed += old[0] - res.corruptions
         if res.leaks < old[1]:
@@ -219,9 +226,15 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
         if res.leaks or res.corruptions:
             res.corruptions, res.leaks = before
             highest, _ = _compare(refs, tally, nb, fix, res)
-            refs.flush(_Guard(image, refs))
-            _punch(image, res.freed)
-    _check_copied(image, refs, res, fix)
+            freed = res.freed
+    # every write of the repair is checked against the overlap rule before the first one, so a
+    # refused repair writes nothing but the corrupt bit (the rebuild above checked its own)
+    if refs.dirty:
+        refs.check_writes(_Guard(image, refs))
+    flags = _check_copied(image, refs, res, fix)
+    refs.flush()
+    _punch(image, freed)
+    _write_copied(image, flags)
     if rewrite_snapshots and not res.check_errors:
         highest = max(highest, _rewrite_snapshot_table(image))
     res.image_end_offset = (highest + 1) * cs
@@ -511,8 +524,11 @@ def _blocks_that_differ(refs: OnDiskRefcounts, tally: Tally, nb: int) -> tuple[l
     return clusters, highest
 
 
-def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix: int) -> None:
-    """COPIED must be set exactly on active L1/L2 entries whose cluster has refcount 1."""
+def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix: int
+                  ) -> list[tuple[int, bytes]]:
+    """COPIED must be set exactly on active L1/L2 entries whose cluster has refcount 1
+    (``refs`` with its patches). Returns the repair's writes, (offset, bytes), each already
+    passed by the overlap rule; ``_write_copied`` writes them."""
     h = image.header
     cs = image.cluster_size
     f = image.file
@@ -523,11 +539,11 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
         repair = bool(fix & FIX_LEAKS) and not (res.check_errors or res.corruptions or res.leaks)
     size = f.refresh_size()
     if not h.l1_size or h.l1_table_offset + h.l1_size * 8 > size:
-        return
+        return []
     l1 = decode_u64_table(f.read(h.l1_table_offset, h.l1_size * 8))
     step = 2 if image.extended_l2 else 1
     guard = _Guard(image, refs) if repair else None
-    wrote = False
+    writes: list[tuple[int, bytes]] = []
     refcount = refs.lookup()
     scan = None
     file_clusters = -(-size // cs)
@@ -550,8 +566,7 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
                 new = l1e | COPIED if rc == 1 else l1e & ~COPIED
                 assert guard is not None
                 guard.check("active L1 table", h.l1_table_offset + i * 8, 8)
-                f.write(h.l1_table_offset + i * 8, new.to_bytes(8, "big"))
-                wrote = True
+                writes.append((h.l1_table_offset + i * 8, new.to_bytes(8, "big")))
                 res.corruptions -= 1
                 res.corruptions_fixed += 1
         if l2_off >= size:
@@ -591,11 +606,15 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
         if changed:
             assert guard is not None
             guard.check("active L2 table", l2_off, cs)
-            f.write(l2_off, encode_u64_table(table))
-            wrote = True
-    if wrote:
-        f.sync()
-    if repair:
+            writes.append((l2_off, encode_u64_table(table)))
+    return writes
+
+
+def _write_copied(image: Qcow2Image, writes: list[tuple[int, bytes]]) -> None:
+    for offset, raw in writes:
+        image.file.write(offset, raw)
+    if writes:
+        image.file.sync()
         image.l2_cache.clear()
 
 
@@ -612,7 +631,9 @@ def _mark_clean(image: Qcow2Image) -> None:
 
 def _rebuild(image: Qcow2Image, tally: Tally) -> None:
     """New refcount table and blocks from ``tally`` in free clusters, durable before the
-    header points at them."""
+    header points at them. Every cluster is placed, and checked against QEMU's overlap rule
+    (the image's metadata as it stands, the old refcount structures included), before
+    anything is written: a refused rebuild (``_Refused``) leaves the file as it was."""
     h = image.header
     cs = image.cluster_size
     per_block = refblock_entries(h.cluster_bits, h.refcount_order)
@@ -662,6 +683,10 @@ def _rebuild(image: Qcow2Image, tally: Tally) -> None:
             continue
         if not missing:
             break
+    guard = _Guard(image, OnDiskRefcounts(image))
+    for _index, c in sorted(blocks.items()):
+        guard.check(None, c * cs, cs, "ERROR writing refblock")
+    guard.check(None, table_at * cs, table_clusters * cs, "ERROR writing reftable")
     f = image.file
     order = h.refcount_order
     top = refcount_max(order)  # a count the width cannot hold stays at its maximum, as in QEMU

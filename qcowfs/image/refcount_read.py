@@ -91,12 +91,18 @@ class OnDiskRefcounts:
         self.dirty.add(index)
         return True
 
-    def flush(self, guard=None) -> None:
-        """Write back patched blocks (each first passed to ``guard.check``), then fsync."""
-        f = self.image.file
+    def check_writes(self, guard) -> None:
+        """Pass every patched block's write to ``guard.check`` (which raises to refuse one),
+        before any is written."""
         for index in sorted(self.dirty):
-            if guard is not None:
-                guard.check("refcount block", self.block_offset(index), self.cs)
+            guard.check("refcount block", self.block_offset(index), self.cs)
+
+    def flush(self, guard=None) -> None:
+        """Write back patched blocks (all first passed to ``guard.check``), then fsync."""
+        f = self.image.file
+        if guard is not None:
+            self.check_writes(guard)
+        for index in sorted(self.dirty):
             f.write(self.block_offset(index), encode_refblock(self.blocks[index], self.order))
         if self.dirty:
             f.sync()
