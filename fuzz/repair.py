@@ -31,7 +31,7 @@ class QemuCannot(Exception):
 
 def _qemu(*args: str, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
     p = subprocess.run(["qemu-img", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=60)
+                       errors="replace", timeout=60)  # a hostile name need not be UTF-8
     if p.returncode not in ok:
         raise QemuCannot(f"qemu-img {args[0]}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
     return p
@@ -39,7 +39,7 @@ def _qemu(*args: str, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
 
 def qemu_check(img: Path) -> tuple[int, dict]:
     p = subprocess.run(["qemu-img", "check", "-U", "--output=json", img.name], cwd=img.parent,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, errors="replace", timeout=60)
     try:
         return p.returncode, json.loads(p.stdout or "{}")
     except json.JSONDecodeError:
