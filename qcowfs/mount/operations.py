@@ -301,19 +301,18 @@ class QcowfsOperations(pyfuse3.Operations):
         that answers the kernel itself (datapool.py)."""
         n = len(buf)
         got = 0
-        if file.direct_fd < 0 or (host | n) & (file.align - 1):
-            if self._nowait:
-                try:
-                    got = os.preadv(file.fd, [buf], host, os.RWF_NOWAIT)
-                except BlockingIOError:
-                    got = 0
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    self._nowait = False  # this file system cannot tell: every read waits
-                    log.debug("preadv(RWF_NOWAIT) refused (%s)", exc.strerror)
-                if got == n:
-                    return buf
+        if self._nowait and (file.direct_fd < 0 or (host | n) & (file.align - 1)):
+            try:
+                got = os.preadv(file.fd, [buf], host, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # this file system cannot tell: every read waits
+                log.debug("preadv(RWF_NOWAIT) refused (%s)", exc.strerror)
+            if got == n:
+                return buf
         if pool.busy(request_waiting):
             pool.submit_read(file, host, n, pyfuse3.defer_read_reply())
             return b""
