@@ -312,3 +312,40 @@ def test_reads_through_the_threads_beside_writes_and_snapshots(tmp_path, cache):
     assert compare(img, want, "-F", "raw") == 0
     assert_check_clean(img)
 
+
+
+@pytest.mark.parametrize("writes, reads, read_only, pool, pool_writes, pool_reads", [
+    (False, False, False, False, False, False),  # a stock pyfuse3: everything inline
+    (True, False, False, True, True, False),
+    (True, True, False, True, True, True),
+    (True, True, True, True, False, True),  # read-only: reads only
+    (False, False, True, False, False, False),
+])
+async def test_the_pool_takes_what_the_binding_can_answer_later(
+        tmp_path, monkeypatch, writes, reads, read_only, pool, pool_writes, pool_reads):
+    """Without the patches (``pip install`` alone gives a stock pyfuse3) no request leaves the
+    loop, and reads and writes still answer with the disk's bytes."""
+    from qcowfs.chain.disk import open_image
+    from qcowfs.mount.operations import QcowfsOperations
+    from qcowfs.mount.tree import Tree
+
+    monkeypatch.setattr(pyfuse3, "HANDLES_DEFERRED_WRITES", writes, raising=False)
+    monkeypatch.setattr(pyfuse3, "HANDLES_DEFERRED_READS", reads, raising=False)
+    img = create(tmp_path / "img.qcow2", "4M", preallocation="metadata")
+    qemu_io(img, "write -P 0x61 0 4M")
+    disk = open_image(str(img), writable=not read_only)
+    ops = QcowfsOperations(Tree(disk, str(img), read_only=read_only, uid=0, gid=0,
+                                umask=0o022), direct_io=True, allow_shrink=False, io_threads=2)
+    try:
+        assert (ops.pool is not None) == pool
+        if pool:
+            assert (ops.pool.writes, ops.pool.reads) == (pool_writes, pool_reads)
+        fi = await ops.open(ops.tree.disk_node.ino, os.O_RDONLY if read_only else os.O_RDWR,
+                            None)
+        if not read_only:
+            assert await ops.write(fi.fh, 8192, b"b" * 4096) == 4096
+        got = bytes(await ops.read(fi.fh, 4096, 8192))
+        assert got == b"a" * 4096 + (b"a" if read_only else b"b") * 4096
+    finally:
+        ops.close_pool()
+        disk.close()
