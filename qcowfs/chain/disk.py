@@ -290,6 +290,17 @@ class Disk(_View):
             return None
         return self.writer.prepare_in_place(offset, data)
 
+    def locate_read(self, offset: int, n: int):
+        """``(HostFile, host offset)`` where the ``n`` bytes at ``offset`` (inside the disk)
+        lie as one run of plain host data of the top image, for a caller that reads them
+        itself, from any thread, before any call that changes or frees clusters (the mount's
+        barrier); None: read them with :meth:`readinto` (see :meth:`Mapping.locate`)."""
+        top = self.top
+        if isinstance(top, Qcow2Image):
+            return top.active.locate(offset, n)
+        f = top.file
+        return (f, offset) if offset + n <= f.size else None
+
     def flush(self) -> None:
         """Everything written so far is durable when this returns."""
         self._require_writable()

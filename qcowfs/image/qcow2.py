@@ -299,6 +299,40 @@ class Mapping:
                     return
         self._readinto_extents(buf, offset, self.extents(offset, n), fill)
 
+    def locate(self, offset: int, n: int) -> tuple[HostFile, int] | None:
+        """Where the ``n`` guest bytes at ``offset`` lie when they are one run of plain,
+        unencrypted host data inside the data file: ``(file, host offset)``, for a caller
+        that reads them itself (the mount's data threads); None when :meth:`readinto` must
+        do the read (unallocated, zero or compressed clusters, encryption, several runs, a
+        run past the end of the file or over fixed metadata, which it reports)."""
+        img = self.image
+        if img.encrypted or img.extended_l2 or n <= 0:
+            return None
+        cb = img.cluster_bits
+        if offset >> cb == (offset + n - 1) >> cb:
+            cidx = offset >> cb
+            l1i = cidx >> img.l2_bits
+            l1 = self.l1
+            l1e = l1[l1i] if l1i < len(l1) else 0
+            l2_off = l1e & L1E_OFFSET_MASK
+            if not l2_off or l1e & L1E_RESERVED_MASK:
+                return None
+            entry = img.l2_cache.get(l2_off)[cidx & (img.l2_entries - 1)]
+            host = entry & L2E_OFFSET_MASK
+            if not host or entry & _NOT_PLAIN_DATA or host & (img.cluster_size - 1) \
+                    or host == l2_off:
+                return None
+            host += offset & (img.cluster_size - 1)
+        else:
+            extents = self.extents(offset, n)
+            if len(extents) != 1 or extents[0].kind != NORMAL:
+                return None
+            host = extents[0].host
+        f = img.data_file
+        if host + n > f.size or (f is img.file and img.metadata_overlap(host, n)):
+            return None
+        return f, host
+
     def _readinto_extents(self, buf: memoryview, offset: int, extents: list[Extent],
                           fill: FillFn) -> None:
         img = self.image

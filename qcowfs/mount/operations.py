@@ -30,7 +30,7 @@ import trio
 from qcowfs.errors import ImageError
 from qcowfs.image.hostfile import aligned_buffer
 
-from .datapool import SLOW_NS, DataPool
+from .datapool import SLOW_NS, DataPool, read_host
 from .mounts import XATTR_IMAGE, XATTR_PID
 from .requestloop import request_waiting
 from .tree import Attr, FsError, Kind, Tree
@@ -49,6 +49,12 @@ def binding_defers_writes() -> bool:
     """Whether this pyfuse3 lets a write be answered later from a thread (qcowfs's second
     patch, pyfuse3.defer_write_reply)."""
     return bool(getattr(pyfuse3, "HANDLES_DEFERRED_WRITES", False))
+
+
+def binding_defers_reads() -> bool:
+    """Whether this pyfuse3 lets a read be answered later from a thread (qcowfs's third
+    patch, pyfuse3.defer_read_reply)."""
+    return bool(getattr(pyfuse3, "HANDLES_DEFERRED_READS", False))
 
 
 def binding_has_thin_handlers() -> bool:
@@ -90,10 +96,16 @@ class QcowfsOperations(pyfuse3.Operations):
         self._on_init = on_init
         self.errors = 0
         self._read_buf = aligned_buffer(1 << 20)
-        #: plain threads for slow in-place writes (datapool.py); None: every write inline
+        #: whether preadv(RWF_NOWAIT) works on the image's file system
+        self._nowait = True
+        #: plain threads for slow in-place writes and reads that wait for the disk
+        #: (datapool.py); None: every request inline
         self.pool: DataPool | None = None
-        if io_threads and not self.read_only and binding_defers_writes():
-            self.pool = DataPool(io_threads, slow_ns=io_slow_us * 1000)
+        writes = not self.read_only and binding_defers_writes()
+        reads = binding_defers_reads()
+        if io_threads and (writes or reads):
+            self.pool = DataPool(io_threads, slow_ns=io_slow_us * 1000, writes=writes,
+                                 reads=reads)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -157,9 +169,9 @@ class QcowfsOperations(pyfuse3.Operations):
         pool, self.pool = self.pool, None
         if pool is not None:
             pool.close()
-            if pool.offloaded:
-                log.info("%d writes ran on the data threads (%d failed)", pool.offloaded,
-                         pool.failed)
+            if pool.offloaded or pool.reads_offloaded:
+                log.info("%d writes and %d reads ran on the data threads (%d failed)",
+                         pool.offloaded, pool.reads_offloaded, pool.failed)
 
     # --- names and attributes -------------------------------------------------------------
 
@@ -272,10 +284,40 @@ class QcowfsOperations(pyfuse3.Operations):
         if size > len(buf):
             buf = self._read_buf = aligned_buffer(size)
         try:
+            pool = self.pool
+            if pool is not None and pool.reads and view is self.disk:
+                n = max(0, min(size, view.size - off))
+                at = view.locate_read(off, n) if n else None
+                if at is not None:
+                    return self._read_host(pool, at[0], at[1], buf[:n])
             n = view.readinto(buf[:size], off)
         except Exception as exc:
             raise self._fail(exc, f"read of {size} bytes at offset {off}") from None
         return buf[:n]
+
+    def _read_host(self, pool: DataPool, file, host: int, buf: memoryview):
+        """A read of one run of host data (``Disk.locate_read``): inline when the page cache
+        has it (``RWF_NOWAIT``) or the loop has nothing else to do, else on a data thread
+        that answers the kernel itself (datapool.py)."""
+        n = len(buf)
+        got = 0
+        if self._nowait and (file.direct_fd < 0 or (host | n) & (file.align - 1)):
+            try:
+                got = os.preadv(file.fd, [buf], host, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # this file system cannot tell: every read waits
+                log.debug("preadv(RWF_NOWAIT) refused (%s)", exc.strerror)
+            if got == n:
+                return buf
+        if pool.busy(request_waiting):
+            pool.submit_read(file, host, n, pyfuse3.defer_read_reply())
+            return b""
+        read_host(file, buf, host, got)
+        return buf
 
     async def write(self, fh, off, buf):
         handle = self.handles[fh]
@@ -298,7 +340,7 @@ class QcowfsOperations(pyfuse3.Operations):
             await self.meta_lock.acquire()
         pool = self.pool
         try:
-            if pool is None:
+            if pool is None or not pool.writes:
                 disk.write(off, buf)
             else:
                 target = disk.prepare_in_place(off, buf)
