@@ -2,10 +2,13 @@
 
 Both encrypt each 512-byte sector on its own, with an IV made from a sector number: the host
 sector for LUKS, the guest sector for legacy AES (QEMU's rules). A whole run of sectors is done
-in a handful of library calls, never a Python loop per sector: XTS computes every block's tweak
-for the run at once (numpy, GF(2^128) shifts in 64-bit lanes) around one ECB pass; CBC
-decrypts in one ECB pass plus one XOR, and encrypts block column by block column across all
-sectors (32 ECB calls for any run length).
+in a handful of library calls, never a Python loop over blocks: XTS computes every block's
+tweak for the run at once around one ECB pass (a few sectors: the XOR of rows of a 2 MiB byte
+table, since multiplying by x^j is linear; more: GF(2^128) shifts in 64-bit lanes); CBC
+decrypts in one ECB pass plus one XOR, and encrypts a few sectors with one library call each
+on one long-lived context, more block column by block column across all sectors (32 ECB calls
+for any run length). IVs are one integer product. The per-request cost is numpy's and the
+library's per-call cost, so fewer calls is what makes a 4 KiB request fast.
 
 ``cryptography`` and ``numpy`` load only with this module, that is only when an encrypted image
 is opened.
@@ -13,8 +16,10 @@ is opened.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -95,6 +100,37 @@ def _tweak_table(t0: np.ndarray) -> np.ndarray:
     return t
 
 
+#: requests of at most this many sectors (8 KiB) take the XTS tweaks from the byte table and
+#: CBC encryption sector by sector; above it the shift arithmetic and the column passes win
+_SMALL = 16
+#: rows of each tweak byte's 256 entries in the byte table
+_BYTE_ROWS = (np.arange(16) * 256)[:, None]
+
+
+@functools.cache
+def _byte_table() -> np.ndarray:
+    """All 32 block tweaks of a sector (as (32, 2) lanes flattened to 64) for a first tweak
+    that is one byte value at one byte position, row ``position * 256 + value``: 4096 rows of
+    512 bytes, 2 MiB, the same for every key. Multiplying by x^j is linear over GF(2), so the
+    tweaks of any first tweak are the XOR of the 16 rows its bytes pick."""
+    t0 = np.zeros((16, 256, 2), _U64)
+    for pos in range(16):
+        t0[pos, :, pos // 8] = np.arange(256, dtype=_U64) << np.uint64(8 * (pos % 8))
+    return np.ascontiguousarray(_tweak_table(t0.reshape(-1, 2)).reshape(4096, _BLOCKS * 2))
+
+
+@functools.lru_cache(maxsize=64)
+def _iv_spread(count: int, width: int) -> tuple[int, int]:
+    """``(ones, iota)``: integers whose ``width``-byte little-endian blocks are 1 and 0, 1,
+    2, ... for ``count`` blocks, so that ``first * ones + iota`` is the counter IV blocks
+    of ``count`` sectors from ``first`` (no block overflows: each counter fits in 8 bytes)."""
+    ones = iota = 0
+    for i in reversed(range(count)):
+        ones = (ones << (8 * width)) | 1
+        iota = (iota << (8 * width)) | i
+    return ones, iota
+
+
 def _bytes_of(arr: np.ndarray) -> memoryview:
     return memoryview(arr).cast("B")
 
@@ -118,6 +154,12 @@ class SectorCipher:
             if self.block != 16:
                 raise UnsupportedError(None, f"xts needs a 16-byte block cipher, not {cipher}")
             self._tweak_enc, _ = _ecb(cipher, key[len(key) // 2:])
+            self._table = _byte_table()
+        elif mode == "cbc":
+            self._chain_enc = Cipher(_block_cipher(cipher, data_key),
+                                     modes.CBC(bytes(self.block))).encryptor()
+            self._chain = 0
+            self._chain_lock = threading.Lock()
         self._essiv = None
         if ivgen == "essiv":
             digest = hashlib.new(ivgen_hash, key).digest()
@@ -125,19 +167,61 @@ class SectorCipher:
         elif ivgen not in ("plain", "plain64") and mode != "ecb":
             raise UnsupportedError(None, f"IV generator {ivgen!r} is not supported")
 
-    def _ivs(self, sector: int, count: int) -> np.ndarray:
-        iv = np.zeros((count, self._lanes), _U64)
-        iv[:, 0] = np.arange(sector, sector + count, dtype=_U64)
+    def _iv_bytes(self, sector: int, count: int) -> bytes:
+        """The IV blocks of ``count`` sectors from ``sector``, as one integer product (no
+        array work): plain64 counts in 64 bits, plain in 32 (wrapping), essiv encrypts
+        plain64's blocks."""
+        width = self.block
         if self.ivgen == "plain":
-            iv[:, 0] &= np.uint64(0xFFFFFFFF)
-        elif self._essiv is not None:
-            iv = np.frombuffer(self._essiv.update(iv.tobytes()), _U64).reshape(iv.shape)
-        return iv
+            sector &= 0xFFFFFFFF
+            if sector + count > 1 << 32:  # the 32-bit counter wraps inside this run
+                return b"".join(((sector + i) & 0xFFFFFFFF).to_bytes(width, "little")
+                                for i in range(count))
+        ones, iota = _iv_spread(count, width)
+        ivs = (sector * ones + iota).to_bytes(count * width, "little")
+        return self._essiv.update(ivs) if self._essiv is not None else ivs
+
+    def _ivs(self, sector: int, count: int) -> np.ndarray:
+        return np.frombuffer(self._iv_bytes(sector, count), _U64).reshape(count, self._lanes)
 
     def _tweaks(self, sector: int, count: int) -> np.ndarray:
         """Every block's XTS tweak for ``count`` sectors, shape (count, 32, 2)."""
-        t0 = np.frombuffer(self._tweak_enc.update(_bytes_of(self._ivs(sector, count))), _U64)
+        t0 = np.frombuffer(self._tweak_enc.update(self._iv_bytes(sector, count)), _U64)
         return _tweak_table(t0.reshape(count, 2))
+
+    def _xts_small(self, data, sector: int, count: int, ecb) -> bytes:
+        """XTS over a few whole sectors in eight calls: the first tweaks (one ECB call), all
+        block tweaks as the XOR of the byte-table rows their bytes pick (one take, one
+        reduce), then XOR, ECB pass, XOR."""
+        t0 = np.frombuffer(self._tweak_enc.update(self._iv_bytes(sector, count)), np.uint8)
+        rows = t0.reshape(count, 16).T + _BYTE_ROWS
+        t = np.bitwise_xor.reduce(self._table.take(rows, axis=0), axis=0)
+        x = np.frombuffer(data, _U64).reshape(t.shape) ^ t
+        done = np.frombuffer(ecb.update(_bytes_of(x)), _U64).reshape(t.shape)
+        np.bitwise_xor(done, t, out=t)
+        return t.tobytes()
+
+    def _cbc_encrypt_small(self, data, sector: int, count: int) -> bytes:
+        """CBC encryption of a few whole sectors, one library call per sector on one
+        long-lived CBC context: its chain value is the last block it produced, so each
+        sector's first block goes in XORed with that block and the sector's IV, which
+        makes the context start that sector from the IV."""
+        width = self.block
+        ivs = self._iv_bytes(sector, count)
+        view = memoryview(data)
+        out = []
+        with self._chain_lock:
+            chain, enc = self._chain, self._chain_enc
+            for i in range(count):
+                at = i * SECTOR
+                first = (int.from_bytes(view[at:at + width], "little") ^ chain
+                         ^ int.from_bytes(ivs[i * width:(i + 1) * width], "little"))
+                done = enc.update(first.to_bytes(width, "little")) + enc.update(
+                    view[at + width:at + SECTOR])
+                chain = int.from_bytes(done[-width:], "little")
+                out.append(done)
+            self._chain = chain
+        return b"".join(out)
 
     def _shaped(self, data) -> tuple[np.ndarray, int, int]:
         """``data`` as (sectors, blocks, lanes): without a copy when it is whole sectors."""
@@ -168,6 +252,9 @@ class SectorCipher:
     def decrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
             return self._dec.update(bytes(data))
+        count = len(data) >> 9
+        if self.mode == "xts" and count <= _SMALL and len(data) == count * SECTOR:
+            return self._xts_small(data, sector, count, self._dec)
         arr, count, n = self._shaped(data)
         if self.mode == "xts":
             return self._xts(arr, sector, self._dec).tobytes()[:n]
@@ -184,6 +271,11 @@ class SectorCipher:
     def encrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
             return self._enc.update(bytes(data))
+        count = len(data) >> 9
+        if count <= _SMALL and len(data) == count * SECTOR:
+            if self.mode == "xts":
+                return self._xts_small(data, sector, count, self._enc)
+            return self._cbc_encrypt_small(data, sector, count)
         arr, count, n = self._shaped(data)
         if self.mode == "xts":
             return self._xts(arr, sector, self._enc).tobytes()[:n]

@@ -545,10 +545,13 @@ class Qcow2Writer:
         ``zero_detect``), this does the bookkeeping (bitmaps, the flush's duty to sync) and
         returns ``(file, host offset, bytes)``: the caller writes them there itself, from any
         thread, and must finish that before any other call into this writer that changes or
-        frees clusters, or flushes (the mount's barrier). None: call :meth:`write`."""
-        if self.crypto is not None:
-            return None
+        frees clusters, or flushes (the mount's barrier). None: call :meth:`write`.
+        Encrypted data in whole sectors comes back encrypted (here, on the caller's thread);
+        a part of a sector needs the old data, so that goes through :meth:`write`."""
         view = memoryview(data).cast("B")
+        crypto = self.crypto
+        if crypto is not None and (offset | len(view)) & 511:
+            return None
         if self.zero_detect and not self.raw_data_file and is_zero(view):
             return None
         at = self._in_place_host(offset, len(view))
@@ -556,6 +559,8 @@ class Qcow2Writer:
             return None
         if self.bitmaps is not None:
             self.mark_bitmaps(offset, len(view))
+        if crypto is not None:
+            view = memoryview(crypto.encrypt(view, at, offset))
         self._image_unsynced = True
         return self.file, at, view
 
