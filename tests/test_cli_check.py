@@ -5,6 +5,7 @@ data unchanged."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Callable
@@ -111,6 +112,19 @@ def unaligned_data(d: Path) -> Path:
     return p
 
 
+def unaligned_copied_past_eof(d: Path) -> Path:
+    """The last data cluster's entry moved 512 bytes in, COPIED kept, and the file cut there:
+    QEMU does not count a reference past the end, so the repair frees that cluster as a leak
+    and then clears the flag its refcount of 0 no longer allows (a ``make fuzz`` find)."""
+    p = base_image(d)
+    off = l2_offset(p) + 8 * ((1 << 20) // 65536)
+    host = u64(p, off) & ((1 << 56) - 512)
+    poke(p, off, struct.pack(">Q", (host + 512) | (1 << 63)))
+    assert host + 65536 == p.stat().st_size
+    os.truncate(p, host + 512)
+    return p
+
+
 def refblock_unaligned(d: Path) -> Path:
     p = base_image(d)
     rt = header(p)["reftable"]
@@ -182,6 +196,7 @@ CASES: dict[str, Callable[[Path], Path]] = {
     "unaligned_l2": unaligned_l2,
     "unaligned_data": unaligned_data,
     "refblock_unaligned": refblock_unaligned,
+    "unaligned_copied_past_eof": unaligned_copied_past_eof,
     "leaked_small_clusters": leaked_small_clusters,
     "leaked_wide_refcounts": leaked_wide_refcounts,
     "compressed_leak": compressed_leak,

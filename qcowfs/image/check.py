@@ -586,9 +586,9 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
                     continue
                 rc = 1
             else:
-                if not host or host % cs:
+                if not host:
                     continue
-                try:
+                try:  # an unaligned host counts for the cluster it starts in, as in QEMU
                     rc = refcount(host // cs)
                 except UnreadableRefblock:
                     continue

@@ -204,7 +204,7 @@ def copied_is_right(image: Qcow2Image, table: array, is_one: np.ndarray,
     cb = image.cluster_bits
     d, _ = descriptors(image, table)
     host = d & _OFFSET
-    data = ((d & _COMPRESSED) == 0) & (host != 0) & ((host & U64((1 << cb) - 1)) == 0)
+    data = ((d & _COMPRESSED) == 0) & (host != 0)
     idx = (host[data] >> U64(cb)).astype(np.intp)
     if len(idx) and int(idx.max()) >= len(is_one):
         return False
