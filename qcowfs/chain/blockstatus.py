@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from qcowfs.format.tables import ClusterKind
 from qcowfs.image import scanmode, tableruns
 from qcowfs.image.info import allocated_bytes
-from qcowfs.image.qcow2 import Mapping, Qcow2Image
+from qcowfs.image.mapping import Mapping
+from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.raw import RawImage
 from qcowfs.image.refcount_read import looks_metadata_preallocated
 

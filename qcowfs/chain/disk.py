@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
 from qcowfs.format.snapshot import SnapshotEntry
-from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, FillFn, Mapping, Qcow2Image, zero_fill
+from qcowfs.image.mapping import FillFn, Mapping, zero_fill
+from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, Qcow2Image
 from qcowfs.image.raw import RawImage
 
 from .locks import lock_chain

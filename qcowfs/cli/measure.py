@@ -10,7 +10,8 @@ from qcowfs.chain.locks import lock_chain
 from qcowfs.chain.resolve import open_chain
 from qcowfs.errors import ImageError
 from qcowfs.image.info import read_bitmaps
-from qcowfs.image.qcow2 import Mapping, Qcow2Image
+from qcowfs.image.mapping import Mapping
+from qcowfs.image.qcow2 import Qcow2Image
 
 from .common import (
     add_force_share,

@@ -9,7 +9,7 @@ from qcowfs.errors import HostIOError, ImageError, ReadOnlyError
 from qcowfs.format.probe import PROBE_SIZE, announced_format
 from qcowfs.format.tables import ClusterKind
 from qcowfs.image.hostfile import HostFile
-from qcowfs.image.qcow2 import Extent, FillFn, zero_fill
+from qcowfs.image.mapping import Extent, FillFn, zero_fill
 
 
 class RawImage:

@@ -27,7 +27,8 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     ClusterKind,
 )
-from qcowfs.image.qcow2 import Extent, Mapping, Qcow2Image
+from qcowfs.image.mapping import Extent, Mapping
+from qcowfs.image.qcow2 import Qcow2Image
 
 _BYTEORDER = sys.byteorder  # the decoded tables are native words
 _NOT_PLAIN_DATA = COMPRESSED | L2E_STD_RESERVED_MASK | ZERO_FLAG

@@ -28,7 +28,8 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     ClusterKind,
 )
-from qcowfs.image.qcow2 import Extent, Qcow2Image
+from qcowfs.image.mapping import Extent
+from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.refcount_read import OnDiskRefcounts
 
 U64 = np.uint64
