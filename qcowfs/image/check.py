@@ -41,7 +41,7 @@ from qcowfs.format.tables import (
     refblock_entries,
     refcount_max,
 )
-from qcowfs.image import scanmode
+from qcowfs.image import scanmode, tableruns
 from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.refcount_read import OnDiskRefcounts, UnreadableRefblock
 from qcowfs.image.walk import Tally, tally_references
@@ -397,7 +397,9 @@ def _check_refblocks(refs: OnDiskRefcounts, tally: Tally, res: CheckResult) -> b
     """Refcount table entries that cannot be used; returns whether a rebuild is needed."""
     rebuild = False
     cs = refs.cs
-    for i, entry in enumerate(refs.table):
+    table = refs.table
+    for i in range(tableruns.used_entries(table)):  # the zeros after the last entry: none
+        entry = table[i]
         off = entry & REFT_OFFSET_MASK
         if entry & REFT_RESERVED_MASK or (off and off % cs):
             rebuild = True  # the walk already counted it
@@ -714,8 +716,15 @@ def _rebuild(image: Qcow2Image, tally: Tally) -> None:
     blocks: dict[int, int] = {}
     table_at = -1
     table_clusters = 0
+    def in_use() -> set[int]:
+        """The refcount blocks with a count in them, a block's bytes at a time."""
+        raw = memoryview(counts).cast("B")
+        step = 8 * per_block
+        return {k for k in range(-(-len(counts) // per_block))
+                if bytes(raw[k * step:(k + 1) * step]).strip(b"\0")}
+
     while True:
-        needed = {i // per_block for i in range(len(counts)) if counts[i]}
+        needed = in_use()
         missing = sorted(needed - set(blocks))
         for index in missing:
             c = first_fit(1)

@@ -85,10 +85,7 @@ class Tally:
         """One past the last cluster anything references."""
         last = max(self.beyond_eof, default=-1)
         if last < 0:
-            for i in range(len(self.counts) - 1, -1, -1):
-                if self.counts[i]:
-                    last = i
-                    break
+            last = tableruns.used_entries(self.counts) - 1
         return (last + 1) * self.cluster_size
 
 
@@ -363,7 +360,8 @@ class _Walker:
                                 "refcount table")
         if table is None:
             return
-        for i, entry in enumerate(table):
+        for i in range(tableruns.used_entries(table)):  # none after the last non-zero entry
+            entry = table[i]
             off = entry & REFT_OFFSET_MASK
             if entry & REFT_RESERVED_MASK:
                 self.defect(f"refcount table entry {i} has reserved bits set",
