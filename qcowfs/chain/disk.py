@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import datetime
 import errno as _errno
-from dataclasses import dataclass
 
 from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
+from qcowfs.format.record import record
 from qcowfs.format.snapshot import SnapshotEntry
 from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, FillFn, Mapping, Qcow2Image, zero_fill
 from qcowfs.image.raw import RawImage
@@ -42,7 +42,7 @@ def _chain_fill(layers: list[Layer], depth: int) -> FillFn:
     return fill
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SnapshotInfo:
     """An internal snapshot as the library shows it. ``size`` is its own disk size,
     ``vm_clock`` the guest clock in nanoseconds."""

@@ -22,10 +22,10 @@ from __future__ import annotations
 import bisect
 import sys
 from array import array
-from dataclasses import dataclass, field
 
 from qcowfs.errors import ImageError
 from qcowfs.format import header as hdr
+from qcowfs.format.record import field, record
 from qcowfs.format.snapshot import serialize_snapshot_table
 from qcowfs.format.tables import (
     COMPRESSED,
@@ -51,7 +51,7 @@ FIX_ERRORS = 2
 FIX_ALL = FIX_LEAKS | FIX_ERRORS
 
 
-@dataclass
+@record
 class CheckResult:
     """What one pass found (and fixed). ``messages`` are the per-problem lines qemu-img prints
     on stderr."""

@@ -14,7 +14,6 @@ write drops the cached pages it overwrites), and this object never has two reque
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 
@@ -30,6 +29,7 @@ DIRECT_ALIGNMENTS = (512, 4096)
 def aligned_buffer(size: int) -> memoryview:
     """``size`` writable bytes (rounded up to whole pages) at a page-aligned address, which
     O_DIRECT takes as they are."""
+    import mmap  # only for O_DIRECT and the writer: not at every CLI start
     pages = max(1, -(-size // mmap.PAGESIZE)) * mmap.PAGESIZE
     return memoryview(mmap.mmap(-1, pages))
 

@@ -11,7 +11,6 @@ import os
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from qcowfs.errors import (
     BackingChainError,
@@ -22,6 +21,7 @@ from qcowfs.errors import (
 )
 from qcowfs.format import header as hdr
 from qcowfs.format.compression import decompress_cluster
+from qcowfs.format.record import record
 from qcowfs.format.snapshot import (
     MAX_SNAPSHOTS,
     MAX_TABLE_BYTES,
@@ -73,7 +73,7 @@ def zero_fill(buf: memoryview, offset: int = 0) -> None:
         pos += step
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Extent:
     """A guest byte range of one kind. For NORMAL, ``host`` is the host offset of ``offset``
     (in the data file when the image has one); for ZERO and UNALLOCATED it is the host offset

@@ -8,7 +8,6 @@ defect becomes a :class:`Defect` and the walk goes on; only host I/O errors rais
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field
 
 from qcowfs.errors import ImageError
 from qcowfs.format.bitmaps import (
@@ -16,6 +15,7 @@ from qcowfs.format.bitmaps import (
     BME_TABLE_RESERVED_MASK,
     parse_bitmap_directory,
 )
+from qcowfs.format.record import field, record
 from qcowfs.format.tables import (
     COMPRESSED,
     COPIED,
@@ -36,7 +36,7 @@ from qcowfs.image.qcow2 import Qcow2Image
 CORRUPTION = "corruption"
 
 
-@dataclass
+@record
 class Defect:
     kind: str  # "corruption" (more kinds may follow)
     message: str
@@ -49,7 +49,7 @@ class Defect:
         return self.prefix + self.message
 
 
-@dataclass
+@record
 class ActiveStats:
     """Fragmentation figures of the active L1, as ``qemu-img check`` reports them."""
 
@@ -59,7 +59,7 @@ class ActiveStats:
     compressed_clusters: int = 0
 
 
-@dataclass
+@record
 class Tally:
     """Expected refcount per host cluster index of the image file."""
 
