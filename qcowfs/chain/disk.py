@@ -3,7 +3,6 @@ snapshot of the top image as a read-only view over the same chain."""
 
 from __future__ import annotations
 
-import datetime
 import errno as _errno
 
 from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
@@ -17,6 +16,8 @@ from .resolve import Keys, Layer, open_chain
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
+    import datetime
+
     from qcowfs.image.write import Qcow2Writer
 
 
@@ -58,6 +59,7 @@ class SnapshotInfo:
 
     @property
     def date(self) -> datetime.datetime:
+        import datetime  # only for snapshot dates: not at every CLI start
         return datetime.datetime.fromtimestamp(self.date_sec + self.date_nsec / 1e9,
                                                tz=datetime.UTC)
 
