@@ -181,10 +181,14 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
     try:
         cs = writer.cs
         size = src.size
-        ranges = list(_cluster_ranges(_nonzero_runs(src), cs))
-        if backing is not None:
-            ranges = _union(ranges, _cluster_ranges(
-                ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
+        depth = _backing_depth(src, backing) if backing is not None else None
+        if depth is not None:
+            ranges = list(_cluster_ranges(_above_backing(src, depth), cs))
+        else:
+            ranges = list(_cluster_ranges(_nonzero_runs(src), cs))
+            if backing is not None:
+                ranges = _union(ranges, _cluster_ranges(
+                    ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
         pending: deque = deque()  # (first cluster, data, actions, compressed streams)
         with parallel_decompression(src, backing), \
                 ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
@@ -208,6 +212,39 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         writer.abandon()
+
+
+def _same_layer(a, b) -> bool:
+    """Whether two opened layers are the same file opened the same way."""
+    if a.format != b.format:
+        return False
+    x, y = os.fstat(a.file.fd), os.fstat(b.file.fd)
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+
+
+def _backing_depth(src: Source, backing: Disk) -> int | None:
+    """The layer of ``src``'s chain from which down it is ``backing``'s chain, file for file
+    (``convert -B`` naming the source's own backing file, or one further down); None when
+    the backing file is not in the chain (or the source is a snapshot view)."""
+    if isinstance(src, SnapshotDisk):
+        return None
+    k = len(src.layers) - len(backing.layers)
+    if k < 1:
+        return None
+    if all(_same_layer(a, b) for a, b in zip(src.layers[k:], backing.layers, strict=True)):
+        return k
+    return None
+
+
+def _above_backing(src: Disk, depth: int) -> Iterator[tuple[int, int]]:
+    """The guest ranges that layers above ``depth`` allocate (as data or zeros), or where
+    they cut the view short: everywhere else the guest reads what the backing chain from
+    ``depth`` reads, so only these ranges can differ from it."""
+    upper = src.layers[:depth]
+    for e in ChainStatus(upper).merged():
+        if e.depth == depth - 1 and not e.present:
+            continue  # falls through to the backing chain: its own bytes
+        yield e.start, e.start + e.length
 
 
 def _cluster_chunks(src: Source, backing: Disk | None, ranges: list[tuple[int, int]], cs: int
