@@ -56,13 +56,52 @@ def replace(obj, **changes):
     return type(obj)(**values)
 
 
+_METHODS = ("__init__", "__repr__", "__eq__", "__hash__")
+
+
 def _make(cls, frozen: bool, slots: bool):
     names = tuple(cls.__dict__.get("__annotations__", {}))
+    defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
+    methods: dict[str, object] = {name: _lazy(name) for name in _METHODS}
+    if not frozen:
+        methods["__hash__"] = None  # mutable and compared by value, as a dataclass
+    else:
+        methods["__setattr__"] = _frozen_setattr
+        methods["__delattr__"] = _frozen_delattr
+    methods["__record_fields__"] = names
+    methods["__record_spec__"] = (names, defaults, frozen)
+    if slots:
+        ns = {k: v for k, v in cls.__dict__.items()
+              if k not in names and k not in ("__dict__", "__weakref__")}
+        ns["__slots__"] = names
+        ns.update(methods)
+        new = type(cls)(cls.__name__, cls.__bases__, ns)
+        new.__qualname__ = cls.__qualname__
+        return new
+    for name, value in methods.items():
+        setattr(cls, name, value)
+    return cls
+
+
+def _lazy(name: str):
+    """A stand-in for method ``name`` that makes the class's real methods at its first call
+    (most records of a module are never used by a given command: their source is never
+    compiled), then runs the real one."""
+    def stub(self, *args, **kwargs):
+        cls = type(self)
+        _install(cls)
+        return getattr(cls, name)(self, *args, **kwargs)
+    stub.__name__ = name
+    return stub
+
+
+def _install(cls) -> None:
+    names, defaults, frozen = cls.__record_spec__
     env: dict[str, object] = {"_object": object, "_MISSING": _MISSING}
     params, body = [], []
     for name in names:
-        if name in cls.__dict__:
-            default = cls.__dict__[name]
+        if name in defaults:
+            default = defaults[name]
             if isinstance(default, field):
                 env[f"_factory_{name}"] = default.default_factory
                 params.append(f"{name}=_MISSING")
@@ -91,27 +130,9 @@ def _make(cls, frozen: bool, slots: bool):
         f"    return hash(({values}))",
     ])
     exec(source, env)  # noqa: S102 (source made above from the class's own field names)
-    methods = {k: env[k] for k in ("__init__", "__repr__", "__eq__")}
-    methods["__hash__"] = env["__hash__"] if frozen else None
-    if frozen:
-        methods["__setattr__"] = _frozen_setattr
-        methods["__delattr__"] = _frozen_delattr
-    if slots:
-        ns = {k: v for k, v in cls.__dict__.items()
-              if k not in names and k not in ("__dict__", "__weakref__")}
-        ns["__slots__"] = names
-        ns.update(methods)
-        ns["__record_fields__"] = names
-        new = type(cls)(cls.__name__, cls.__bases__, ns)
-        new.__qualname__ = cls.__qualname__
-        for name in methods:
-            fn = getattr(new, name)
-            if fn is not None:
-                fn.__qualname__ = f"{cls.__qualname__}.{name}"
-        return new
-    for name, fn in methods.items():
-        if fn is not None:
-            fn.__qualname__ = f"{cls.__qualname__}.{name}"
+    for name in _METHODS:
+        if name == "__hash__" and not frozen:
+            continue
+        fn = env[name]
+        fn.__qualname__ = f"{cls.__qualname__}.{name}"
         setattr(cls, name, fn)
-    cls.__record_fields__ = names
-    return cls
