@@ -20,12 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from qcowfs.format.compression import compress_cluster
 from qcowfs.image.create import QcowOptions, create_raw
 from qcowfs.image.hostfile import HostFile
-from qcowfs.image.sequential import SequentialQcow2Writer
 from qcowfs.image.writebehind import WriteBehind
 
 from .blockstatus import ChainStatus
 from .disk import Disk, SnapshotDisk
 from .pipeline import ReadAhead, parallel_decompression
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from qcowfs.image.sequential import SequentialQcow2Writer
 
 SPARSE_BLOCK = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read (and zero-scanned) per step
@@ -175,6 +178,8 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
     write. With ``compress``, the clusters of a chunk are compressed by a pool of threads (one
     per core: zlib and zstandard release the GIL) while the next chunks are read, and are
     written in guest order as they come back."""
+    # the qcow2 writer (with check and the walk) loads only for qcow2 output
+    from qcowfs.image.sequential import SequentialQcow2Writer
     options = QcowOptions(**{**options.__dict__, "size": src.size})
     writer = SequentialQcow2Writer(dst, options, compress=compress, durable=durable)
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if compress else None
