@@ -97,7 +97,8 @@ class _Walker:
         self.file = image.file
         self.file_size = self.file.refresh_size()
         self.file_clusters = -(-self.file_size // self.cs)
-        self.tally = Tally(self.cs, array("Q", bytes(8 * self.file_clusters)))
+        # array("Q", [0]) * n writes only the array's own pages (from bytes(8 n) it copies)
+        self.tally = Tally(self.cs, array("Q", [0]) * self.file_clusters)
         self._next_host = 0
         #: whole tables that are one run of contiguous data clusters, without numpy
         self.runs = scanmode.TABLE_RUNS and not image.has_data_file and not image.extended_l2
