@@ -183,7 +183,84 @@ def l2_is_the_l1(d: Path) -> Path:
     return p
 
 
+# --- tables that are one run of contiguous clusters (the numpy-free whole-table path) ---
+
+
+def run_image(d: Path, **opts) -> Path:
+    p = create(d / "img.qcow2", "2M", **opts)
+    qemu_io(p, "write -P 1 0 256k")  # one L2 table: four contiguous data clusters, then zeros
+    return p
+
+
+def run_data_cluster(p: Path, k: int) -> int:
+    return (u64(p, l2_offset(p) + 8 * k) & 0x00FFFFFFFFFFFE00) // 65536
+
+
+def run_leak(d: Path) -> Path:
+    p = run_image(d)
+    set_refcount16(p, run_data_cluster(p, 2), 2)  # a leak, and COPIED now wrong
+    return p
+
+
+def run_refcount_zero(d: Path) -> Path:
+    p = run_image(d)
+    set_refcount16(p, run_data_cluster(p, 3), 0)
+    return p
+
+
+def run_shared(d: Path) -> Path:
+    p = run_image(d)
+    qemu_img("snapshot", "-c", "s1", str(p))
+    qemu_io(p, "write -P 5 1M 64k")  # the active table is copied; its data stays shared
+    return p
+
+
+def run_copied_cleared(d: Path) -> Path:
+    p = run_image(d)
+    off = l2_offset(p)
+    for k in range(4):
+        poke(p, off + 8 * k, struct.pack(">Q", u64(p, off + 8 * k) & ~(1 << 63)))
+    return p
+
+
+def run_past_eof(d: Path) -> Path:
+    p = run_image(d)
+    off = l2_offset(p)
+    far = 1 << 30  # the run moved one GiB up: every cluster past the end of the file
+    for k in range(4):
+        poke(p, off + 8 * k, struct.pack(">Q", u64(p, off + 8 * k) + far))
+    return p
+
+
+def run_refblock_unaligned(d: Path) -> Path:
+    p = run_image(d)
+    rt = header(p)["reftable"]
+    poke(p, rt, struct.pack(">Q", u64(p, rt) + 512))
+    return p
+
+
+def run_wide_refcounts(d: Path) -> Path:
+    p = run_image(d, refcount_bits=32)
+    h = header(p)
+    block = u64(p, h["reftable"]) & ~511
+    poke(p, block + 4 * run_data_cluster(p, 1), struct.pack(">I", 7))
+    return p
+
+
+def run_one_bit_refcounts(d: Path) -> Path:
+    return run_image(d, refcount_bits=1)
+
+
 CASES: dict[str, Callable[[Path], Path]] = {
+    "run_clean": run_image,
+    "run_leak": run_leak,
+    "run_refcount_zero": run_refcount_zero,
+    "run_shared": run_shared,
+    "run_copied_cleared": run_copied_cleared,
+    "run_past_eof": run_past_eof,
+    "run_refblock_unaligned": run_refblock_unaligned,
+    "run_wide_refcounts": run_wide_refcounts,
+    "run_one_bit_refcounts": run_one_bit_refcounts,
     "l2_is_the_l1": l2_is_the_l1,
     "clean": base_image,
     "leak": leak_by_bumping,
@@ -204,13 +281,15 @@ CASES: dict[str, Callable[[Path], Path]] = {
 }
 
 
-@pytest.fixture(autouse=True, params=["per-entry", "whole-table"])
+@pytest.fixture(autouse=True, params=["per-entry", "runs", "whole-table", "runs+whole-table"])
 def scan(request, monkeypatch):
-    """Every case twice: the per-entry passes small images take, and the numpy whole-table
-    passes of large images, forced on these small ones."""
+    """Every case four ways: the per-entry passes; the numpy-free whole tables (tables that
+    are one run of contiguous clusters, as small images take them); the numpy whole-table
+    passes of large images, forced on these small ones; and both, as large images run."""
     from qcowfs.image import scanmode
-    limit = 0 if request.param == "whole-table" else 1 << 62
-    monkeypatch.setattr(scanmode, "WHOLE_TABLE_MIN_CLUSTERS", limit)
+    whole = "whole-table" in request.param
+    monkeypatch.setattr(scanmode, "WHOLE_TABLE_MIN_CLUSTERS", 0 if whole else 1 << 62)
+    monkeypatch.setattr(scanmode, "TABLE_RUNS", request.param.startswith("runs"))
     return request.param
 
 

@@ -80,6 +80,39 @@ def test_huge_sparse_to_qcow2(images, tmp_path):
     assert_check_clean(out)
 
 
+@pytest.mark.parametrize("backing", ["base.qcow2", "mid.qcow2"])
+@pytest.mark.parametrize("extra", [[], ["-c"]])
+def test_backing_in_the_source_chain(tmp_path, monkeypatch, backing, extra):
+    """-B naming the source's own backing file (or one further down): only what the layers
+    above it change is looked at, and the result is the guest disk, storing no more than
+    qemu-img's own convert -B does. (With -B naming base.qcow2 under mid.qcow2, qemu-img 7.2
+    stores only what the top layer allocates, so its output loses what mid.qcow2 changed;
+    there it is not the judge of the content, only the guest disk is.)"""
+    monkeypatch.chdir(tmp_path)
+    base = create(tmp_path / "base.qcow2", "4M")
+    qemu_io(base, "write -P 1 0 4M")
+    mid = create(tmp_path / "mid.qcow2", "6M", backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io(mid, "write -P 2 64k 64k", "write -z 1M 128k", "write -P 3 4M 1M")
+    top = create(tmp_path / "top.qcow2", "6M", backing="mid.qcow2", backing_fmt="qcow2")
+    qemu_io(top, "write -P 1 2M 64k", "write -P 4 3M 64k", "write -z 64k 64k",
+            "write -P 0 5M 64k")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    r = qcowfs("convert", "-O", "qcow2", *extra, "-B", backing, "-F", "qcow2", top, ours)
+    assert r.code == 0, r.err
+    qemu_img("convert", "-O", "qcow2", *extra, "-B", backing, "-F", "qcow2", str(top),
+             str(theirs))
+    assert_check_clean(ours)
+    qemu_img("compare", str(top), str(ours))
+    assert json.loads(qemu_img("info", "--output=json", str(ours)).stdout)[
+        "backing-filename"] == backing
+    mine = _check_json(ours)[1].get("allocated-clusters", 0)
+    if backing == "mid.qcow2":
+        qemu_img("compare", str(theirs), str(ours))
+        assert mine <= _check_json(theirs)[1].get("allocated-clusters", 0)
+    else:  # what top and mid change: 64k (data, then zeros), 1M (2 zero clusters), 3M, 4M..5M
+        assert mine <= 1 + 2 + 1 + 16
+
+
 @pytest.mark.parametrize("extra", [[], ["-c"], ["-o", "compat=0.10"], ["-o", "extended_l2=on"]])
 def test_backing_only_differences(tmp_path, monkeypatch, extra):
     monkeypatch.chdir(tmp_path)

@@ -54,3 +54,35 @@ def test_count_nonzero_words(width, values):
     values = [v % (1 << (8 * width)) for v in values]
     raw = b"".join(v.to_bytes(width, "big") for v in values)
     assert count_nonzero_words(raw, width) == sum(1 for v in values if v)
+
+
+@given(st.lists(st.sampled_from([0, 1, 2, 2 ** 40]), min_size=1, max_size=40),
+       st.integers(0, 39), st.integers(0, 40))
+def test_add_one_is_a_slice_increment(values, first, count):
+    from qcowfs.image.tableruns import add_one
+    first = min(first, len(values))
+    count = min(count, len(values) - first)
+    counts = array("Q", values)
+    add_one(counts, first, count)
+    assert counts.tolist() == [v + (first <= i < first + count) for i, v in enumerate(values)]
+
+
+@given(st.lists(st.sampled_from([0, 1, 256, 2 ** 63]), max_size=40))
+def test_used_entries(values):
+    from qcowfs.image.tableruns import used_entries
+    nonzero = [i for i, v in enumerate(values) if v]
+    assert used_entries(array("Q", values)) == (nonzero[-1] + 1 if nonzero else 0)
+
+
+@given(st.sampled_from([1, 2, 4, 8]),
+       st.lists(st.sampled_from([0, 1, 2, 255, 256, 65535, 65536, 2 ** 32, 2 ** 63]),
+                min_size=1, max_size=40), st.data())
+def test_refblock_bytes_compare_is_the_decoded_compare(width, want, data):
+    """check's byte comparison of a refcount block with the walk's counts (``_holds``)
+    says what comparing the decoded values says."""
+    from qcowfs.image.check import _holds
+    on = data.draw(st.sampled_from([want, [v % (1 << 8 * width) for v in want],
+                                    [want[0]] * len(want), [0] * len(want)]))
+    on = [v % (1 << 8 * width) for v in on]
+    raw = b"".join(v.to_bytes(width, "big") for v in on)
+    assert _holds(raw, array("Q", want), width) == (on == want)

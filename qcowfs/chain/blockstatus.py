@@ -17,8 +17,8 @@ extent:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+from qcowfs.format.record import record
 from qcowfs.format.tables import ClusterKind
 from qcowfs.image import scanmode, tableruns
 from qcowfs.image.info import allocated_bytes
@@ -32,7 +32,7 @@ from .resolve import Layer
 CHUNK = 1 << 30  # qemu-img map asks for at most this much at a time
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class MapEntry:
     start: int
     length: int

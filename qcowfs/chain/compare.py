@@ -5,7 +5,8 @@ must read as zeros (unless strict)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+
+from qcowfs.format.record import record
 
 from .blockstatus import ChainStatus
 from .disk import Disk
@@ -15,7 +16,7 @@ SECTOR = 512
 IO_BUF = 2 * 1024 * 1024
 
 
-@dataclass
+@record
 class Comparison:
     identical: bool
     size_mismatch: bool = False

@@ -20,12 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from qcowfs.format.compression import compress_cluster
 from qcowfs.image.create import QcowOptions, create_raw
 from qcowfs.image.hostfile import HostFile
-from qcowfs.image.sequential import SequentialQcow2Writer
 from qcowfs.image.writebehind import WriteBehind
 
 from .blockstatus import ChainStatus
 from .disk import Disk, SnapshotDisk
 from .pipeline import ReadAhead, parallel_decompression
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from qcowfs.image.sequential import SequentialQcow2Writer
 
 SPARSE_BLOCK = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read (and zero-scanned) per step
@@ -175,16 +178,22 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
     write. With ``compress``, the clusters of a chunk are compressed by a pool of threads (one
     per core: zlib and zstandard release the GIL) while the next chunks are read, and are
     written in guest order as they come back."""
+    # the qcow2 writer (with check and the walk) loads only for qcow2 output
+    from qcowfs.image.sequential import SequentialQcow2Writer
     options = QcowOptions(**{**options.__dict__, "size": src.size})
     writer = SequentialQcow2Writer(dst, options, compress=compress, durable=durable)
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if compress else None
     try:
         cs = writer.cs
         size = src.size
-        ranges = list(_cluster_ranges(_nonzero_runs(src), cs))
-        if backing is not None:
-            ranges = _union(ranges, _cluster_ranges(
-                ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
+        depth = _backing_depth(src, backing) if backing is not None else None
+        if depth is not None:
+            ranges = list(_cluster_ranges(_above_backing(src, depth), cs))
+        else:
+            ranges = list(_cluster_ranges(_nonzero_runs(src), cs))
+            if backing is not None:
+                ranges = _union(ranges, _cluster_ranges(
+                    ((s, min(e, size)) for s, e in _nonzero_runs(backing) if s < size), cs))
         pending: deque = deque()  # (first cluster, data, actions, compressed streams)
         with parallel_decompression(src, backing), \
                 ReadAhead(_cluster_chunks(src, backing, ranges, cs)) as chunks:
@@ -208,6 +217,39 @@ def to_qcow2(src: Source, dst: str, options: QcowOptions, *, compress: bool = Fa
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         writer.abandon()
+
+
+def _same_layer(a, b) -> bool:
+    """Whether two opened layers are the same file opened the same way."""
+    if a.format != b.format:
+        return False
+    x, y = os.fstat(a.file.fd), os.fstat(b.file.fd)
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+
+
+def _backing_depth(src: Source, backing: Disk) -> int | None:
+    """The layer of ``src``'s chain from which down it is ``backing``'s chain, file for file
+    (``convert -B`` naming the source's own backing file, or one further down); None when
+    the backing file is not in the chain (or the source is a snapshot view)."""
+    if isinstance(src, SnapshotDisk):
+        return None
+    k = len(src.layers) - len(backing.layers)
+    if k < 1:
+        return None
+    if all(_same_layer(a, b) for a, b in zip(src.layers[k:], backing.layers, strict=True)):
+        return k
+    return None
+
+
+def _above_backing(src: Disk, depth: int) -> Iterator[tuple[int, int]]:
+    """The guest ranges that layers above ``depth`` allocate (as data or zeros), or where
+    they cut the view short: everywhere else the guest reads what the backing chain from
+    ``depth`` reads, so only these ranges can differ from it."""
+    upper = src.layers[:depth]
+    for e in ChainStatus(upper).merged():
+        if e.depth == depth - 1 and not e.present:
+            continue  # falls through to the backing chain: its own bytes
+        yield e.start, e.start + e.length
 
 
 def _cluster_chunks(src: Source, backing: Disk | None, ranges: list[tuple[int, int]], cs: int

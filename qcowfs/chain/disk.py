@@ -3,11 +3,10 @@ snapshot of the top image as a read-only view over the same chain."""
 
 from __future__ import annotations
 
-import datetime
 import errno as _errno
-from dataclasses import dataclass
 
 from qcowfs.errors import ImageError, ReadOnlyError, UnsupportedError
+from qcowfs.format.record import record
 from qcowfs.format.snapshot import SnapshotEntry
 from qcowfs.image.mapping import FillFn, Mapping, zero_fill
 from qcowfs.image.qcow2 import DEFAULT_L2_CACHE_BYTES, Qcow2Image
@@ -18,6 +17,8 @@ from .resolve import Keys, Layer, open_chain
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
+    import datetime
+
     from qcowfs.image.write import Qcow2Writer
 
 
@@ -43,7 +44,7 @@ def _chain_fill(layers: list[Layer], depth: int) -> FillFn:
     return fill
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SnapshotInfo:
     """An internal snapshot as the library shows it. ``size`` is its own disk size,
     ``vm_clock`` the guest clock in nanoseconds."""
@@ -59,6 +60,7 @@ class SnapshotInfo:
 
     @property
     def date(self) -> datetime.datetime:
+        import datetime  # only for snapshot dates: not at every CLI start
         return datetime.datetime.fromtimestamp(self.date_sec + self.date_nsec / 1e9,
                                                tz=datetime.UTC)
 

@@ -11,9 +11,8 @@ source's persistent bitmaps would take, each assumed fully allocated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from qcowfs.format.bitmaps import BitmapEntry
+from qcowfs.format.record import record
 from qcowfs.format.tables import MAX_L1_BYTES
 
 from .blockstatus import ChainStatus
@@ -24,7 +23,7 @@ BITMAP_TABLE_ENTRY_SIZE = 8
 BITMAP_DIR_ENTRY_SIZE = 24
 
 
-@dataclass
+@record
 class Measure:
     required: int
     fully_allocated: int

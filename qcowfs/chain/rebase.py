@@ -96,30 +96,33 @@ def _data_ranges(status: ChainStatus | None, start: int, length: int
 
 def _copy_range(disk: Disk, new: Disk | None, pos: int, end: int, cs: int,
                 progress: Progress | None) -> None:
-    """Copy into the image each piece of [pos, end) where the old and the new chain differ."""
+    """Copy into the image each piece of [pos, end) where the old and the new chain differ.
+    Both chains are read into two buffers kept for the whole range (no bytes made per chunk)
+    and compared in place."""
+    old_buf, new_buf = bytearray(CHUNK), bytearray(CHUNK)
+    old_view, new_view = memoryview(old_buf), memoryview(new_buf)
     while pos < end:
         n = min(CHUNK - pos % cs, end - pos)
-        old = disk.read(pos, n)
-        below = _read(new, pos, n)
-        if old != below:
-            _write_differing(disk, pos, old, below, cs)
+        got = disk.readinto(old_view[:n], pos)
+        if got < n:
+            old_view[got:n] = bytes(n - got)
+        got = new.readinto(new_view[:n], pos) if new is not None else 0
+        if got < n:
+            new_view[got:n] = bytes(n - got)
+        if not old_buf.startswith(new_view[:n], 0, n):
+            _write_differing(disk, pos, old_buf, new_view, n, cs)
         pos += n
         if progress:
             progress(n)
 
 
-def _read(view: Disk | None, pos: int, n: int) -> bytes:
-    if view is None:
-        return bytes(n)
-    return view.read(pos, n).ljust(n, b"\0")
-
-
-def _write_differing(disk: Disk, pos: int, old: bytes, below: bytes, cs: int) -> None:
-    """Write the old data over each cluster-sized piece where the two differ."""
+def _write_differing(disk: Disk, pos: int, old: bytearray, below: memoryview, n: int,
+                     cs: int) -> None:
+    """Write the old data over each cluster-sized piece of the first ``n`` bytes where the
+    two differ."""
     i = 0
-    n = len(old)
     while i < n:
         step = min(cs - (pos + i) % cs, n - i)
-        if old[i:i + step] != below[i:i + step]:
-            disk.write(pos + i, old[i:i + step])
+        if not old.startswith(below[i:i + step], i, i + step):
+            disk.write(pos + i, bytes(old[i:i + step]))
         i += step

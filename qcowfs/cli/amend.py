@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
 from qcowfs.chain.disk import open_image
+from qcowfs.format.record import record
 from qcowfs.image.qcow2 import Qcow2Image
 
 from .amend_keyslots import key_slot_change
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass
+@record
 class Plan:
     """What the options ask for, resolved against the image (None: leave as it is)."""
 

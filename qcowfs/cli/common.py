@@ -27,7 +27,8 @@ def size_to_str(value: int) -> str:
 SIZE_ERROR = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
               "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 SIZE_RANGE_ERROR = "Invalid image size specified. Must be between 0 and 9223372036854775807."
-_SIZE = re.compile(r"\s*(?:(0[xX][0-9a-fA-F]+)|(\d+)(?:\.(\d*))?)([bBkKmMgGtTpPeE]?)")
+# patterns as strings, compiled (and cached by ``re``) at their first use, not at every start
+_SIZE = r"\s*(?:(0[xX][0-9a-fA-F]+)|(\d+)(?:\.(\d*))?)([bBkKmMgGtTpPeE]?)"
 
 
 class SizeError(ValueError):
@@ -40,7 +41,7 @@ def parse_size(text: str, warn=None) -> int:
     fraction needs a digit before the point, and a suffix above bytes unless it is zero ("1.5G", "5.k", "1.0"); hex
     with a suffix is taken with ``warn``'s deprecation warning, as qemu-img 7.2 does.
     Raises SizeError with qemu-img's message."""
-    m = _SIZE.fullmatch(text)
+    m = re.fullmatch(_SIZE, text)
     if not m:
         raise SizeError(SIZE_ERROR)
     hexa, whole, fraction, unit = m.groups()

@@ -10,14 +10,14 @@ stored as ``args.keys[name]``. Commands open images as before, passing those key
 from __future__ import annotations
 
 import argparse
-import base64
 import re
 
 from .main import CommandError
 
-_DEPTH_KEY = re.compile(r"((?:backing\.)*)encrypt\.key-secret")
-_IGNORED = re.compile(r"((?:backing\.)*)(encrypt\.format|file\.driver|file\.locking|"
-                      r"file\.aio|cache\.direct|cache\.no-flush|discard|detect-zeroes)")
+# patterns as strings, compiled (and cached by ``re``) at their first use, not at every start
+_DEPTH_KEY = r"((?:backing\.)*)encrypt\.key-secret"
+_IGNORED = (r"((?:backing\.)*)(encrypt\.format|file\.driver|file\.locking|"
+            r"file\.aio|cache\.direct|cache\.no-flush|discard|detect-zeroes)")
 
 
 def add_image_source(parser: argparse.ArgumentParser, *image_args: str,
@@ -75,6 +75,7 @@ def parse_secrets(objects: list[str]) -> dict[str, bytes]:
             raise CommandError(f"--object secret,id={sid}: give exactly one of data= and file=")
         raw = data.encode() if data is not None else read_secret_file(path)
         if fmt == "base64":
+            import base64  # only for a secret given in base64: not at every CLI start
             try:
                 raw = base64.b64decode(raw, validate=True)
             except ValueError:
@@ -109,7 +110,7 @@ def parse_image_opts(text: str, secrets: dict[str, bytes]) -> tuple[str, str | N
     fmt = None
     keys: dict[int, bytes] = {}
     for key, value in split_options(text):
-        depth_key = _DEPTH_KEY.fullmatch(key)
+        depth_key = re.fullmatch(_DEPTH_KEY, key)
         if key == "driver":
             if value not in ("qcow2", "raw", "file"):
                 raise CommandError(f"{text}: unsupported driver {value!r}")
@@ -121,7 +122,7 @@ def parse_image_opts(text: str, secrets: dict[str, bytes]) -> tuple[str, str | N
             if value not in secrets:
                 raise CommandError(f"No secret with id '{value}'")
             keys[depth] = secrets[value]
-        elif _IGNORED.fullmatch(key):
+        elif re.fullmatch(_IGNORED, key):
             continue
         else:
             raise CommandError(f"{text}: Invalid parameter '{key}'")

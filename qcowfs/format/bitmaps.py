@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from qcowfs.errors import FormatError
+from qcowfs.format.record import record
 
 MAX_BITMAPS = 65535
 MAX_NAME = 1023
@@ -19,7 +19,7 @@ BME_ALL_ONES = 1
 _ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BitmapEntry:
     name: str
     table_offset: int

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-from dataclasses import dataclass, field
 
 from qcowfs.errors import FormatError, UnsupportedError
+from qcowfs.format.record import field, record, replace
 
 MAGIC = b"QFI\xfb"
 MIN_CLUSTER_BITS = 9
@@ -73,20 +72,20 @@ OFF_COMPAT = 80
 OFF_AUTOCLEAR = 88
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BitmapsExtension:
     nb_bitmaps: int
     directory_size: int
     directory_offset: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CryptoExtension:
     offset: int
     length: int
 
 
-@dataclass
+@record
 class Header:
     """Everything cluster 0 says. Unknown fields and extensions are kept for rewriting."""
 
@@ -159,7 +158,7 @@ class Header:
         return self.cluster_size // self.l2_entry_size
 
     def replace(self, **changes) -> Header:
-        return dataclasses.replace(self, **changes)
+        return replace(self, **changes)
 
     def feature_name(self, kind: int, bit: int) -> str:
         name = self.feature_names.get((kind, bit))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass, field
 
 from qcowfs.errors import FormatError, UnsupportedError
+from qcowfs.format.record import field, record
 
 MAGIC = b"LUKS\xba\xbe"
 VERSION = 1
@@ -42,7 +42,7 @@ MAX_ITERATIONS = 1 << 27
 MAX_KEY_MATERIAL = 64 << 20
 
 
-@dataclass
+@record
 class KeySlot:
     active: int = SLOT_DISABLED
     iterations: int = 0
@@ -55,7 +55,7 @@ class KeySlot:
         return self.active == SLOT_ENABLED
 
 
-@dataclass
+@record
 class LuksHeader:
     cipher_name: str
     cipher_mode: str  # e.g. "xts-plain64", "cbc-essiv:sha256"

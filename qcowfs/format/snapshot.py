@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from qcowfs.errors import FormatError
+from qcowfs.format.record import field, record
 
 MAX_SNAPSHOTS = 65536
 MAX_TABLE_BYTES = 64 * 1024 * 1024
@@ -17,7 +17,7 @@ _EXTRA = struct.Struct(">QQQ")  # vm_state_size_large, disk_size, icount
 NO_ICOUNT = (1 << 64) - 1  # the icount field's "not recorded" (-1)
 
 
-@dataclass
+@record
 class SnapshotEntry:
     """One snapshot table entry. ``disk_size`` is None when the entry does not record it (then
     the image's size applies); ``icount`` is None when absent."""
@@ -79,7 +79,7 @@ def parse_snapshot_table(buf: bytes, count: int) -> tuple[list[SnapshotEntry], i
     return entries, min(pos, len(buf))
 
 
-@dataclass
+@record
 class SnapshotScan:
     """A snapshot table read as ``check -r all`` reads it (facts §2.3 step 1): what could be
     kept, and what had to go.

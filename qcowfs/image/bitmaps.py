@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import struct
 from array import array
-from dataclasses import dataclass, field
 
 from qcowfs.errors import FormatError, ImageError
 from qcowfs.format import header as hdr
@@ -23,6 +22,7 @@ from qcowfs.format.bitmaps import (
     MAX_BITMAPS,
     parse_bitmap_directory,
 )
+from qcowfs.format.record import field, record
 from qcowfs.format.tables import decode_u64_table, encode_u64_table
 from qcowfs.image.backing import write_header
 
@@ -34,7 +34,7 @@ MAX_GRANULARITY_BITS = 31
 MAX_TRACKED_BYTES = 64 << 20
 
 
-@dataclass
+@record
 class Bitmap:
     """One bitmap in memory: bit ``i`` of ``bits`` (least significant first in each byte)
     covers guest bytes ``[i << granularity_bits, (i + 1) << granularity_bits)``."""

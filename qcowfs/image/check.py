@@ -20,11 +20,12 @@ completed; a table that changed is rewritten at a new place at the end of the re
 from __future__ import annotations
 
 import bisect
+import sys
 from array import array
-from dataclasses import dataclass, field
 
 from qcowfs.errors import ImageError
 from qcowfs.format import header as hdr
+from qcowfs.format.record import field, record
 from qcowfs.format.snapshot import serialize_snapshot_table
 from qcowfs.format.tables import (
     COMPRESSED,
@@ -40,7 +41,7 @@ from qcowfs.format.tables import (
     refblock_entries,
     refcount_max,
 )
-from qcowfs.image import scanmode
+from qcowfs.image import scanmode, tableruns
 from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.refcount_read import OnDiskRefcounts, UnreadableRefblock
 from qcowfs.image.walk import Tally, tally_references
@@ -50,7 +51,7 @@ FIX_ERRORS = 2
 FIX_ALL = FIX_LEAKS | FIX_ERRORS
 
 
-@dataclass
+@record
 class CheckResult:
     """What one pass found (and fixed). ``messages`` are the per-problem lines qemu-img prints
     on stderr."""
@@ -231,7 +232,7 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
     # refused repair writes nothing but the corrupt bit (the rebuild above checked its own)
     if refs.dirty:
         refs.check_writes(_Guard(image, refs))
-    flags = _check_copied(image, refs, res, fix)
+    flags = _check_copied(image, refs, res, fix, tally.runs)
     refs.flush()
     _punch(image, freed)
     _write_copied(image, flags)
@@ -396,7 +397,9 @@ def _check_refblocks(refs: OnDiskRefcounts, tally: Tally, res: CheckResult) -> b
     """Refcount table entries that cannot be used; returns whether a rebuild is needed."""
     rebuild = False
     cs = refs.cs
-    for i, entry in enumerate(refs.table):
+    table = refs.table
+    for i in range(tableruns.used_entries(table)):  # the zeros after the last entry: none
+        entry = table[i]
         off = entry & REFT_OFFSET_MASK
         if entry & REFT_RESERVED_MASK or (off and off % cs):
             rebuild = True  # the walk already counted it
@@ -435,11 +438,15 @@ def _compare(refs: OnDiskRefcounts, tally: Tally, nb: int, fix: int, res: CheckR
     counts = tally.counts
     top = refcount_max(refs.order)
     # only the clusters that differ go through the per-cluster code below
-    if scanmode.whole_tables(nb):
+    blocks, highest = _blocks_that_differ(refs, tally, nb)
+    if blocks and scanmode.whole_tables(nb):
         from qcowfs.image import tablescan
-        clusters, highest = tablescan.compare_candidates(refs, counts, tally.beyond_eof, nb)
+        clusters, in_blocks = tablescan.compare_candidates(refs, counts, tally.beyond_eof, nb,
+                                                           blocks)
+        highest = max(highest, in_blocks)
     else:
-        clusters, highest = _blocks_that_differ(refs, tally, nb)
+        per = refs.per_block
+        clusters = [i for b in blocks for i in range(b * per, min(nb, (b + 1) * per))]
     for i in clusters:
         try:
             on = refs.get(i)
@@ -494,13 +501,15 @@ def _punch(image: Qcow2Image, clusters: list[int]) -> None:
 
 
 def _blocks_that_differ(refs: OnDiskRefcounts, tally: Tally, nb: int) -> tuple[list[int], int]:
-    """The clusters of [0, nb) in refcount blocks whose on-disk values differ from the walk's
-    (or cannot be read), and the highest cluster either side says is in use: one array
-    comparison per refcount block, without numpy."""
+    """The refcount blocks over clusters [0, nb) whose on-disk values differ from the walk's
+    (or cannot be read), by index, and the highest cluster in use in the others. The walk's
+    counts are encoded as the block would hold them and compared as bytes with the block as
+    it is on disk: nothing is decoded unless it differs (or the refcounts are narrower than a
+    byte)."""
     per = refs.per_block
     counts = tally.counts
-    clusters: list[int] = []
-    last_used = -1  # the last block with anything in use
+    differ: list[int] = []
+    highest = 0
     for index in range(-(-nb // per)):
         lo, hi = index * per, min(nb, (index + 1) * per)
         want = counts[lo:hi]
@@ -508,26 +517,61 @@ def _blocks_that_differ(refs: OnDiskRefcounts, tally: Tally, nb: int) -> tuple[l
             want.extend([tally.beyond_eof.get(i, 0) for i in range(lo + len(want), hi)])
         entry = refs.table[index] if index < len(refs.table) else 0
         if entry & REFT_OFFSET_MASK & (refs.cs - 1):
-            clusters.extend(range(lo, hi))  # unreadable: each cluster says so
+            differ.append(index)  # unreadable: each cluster says so
             continue
-        values = refs.block(index)
-        on = array("Q", values[:hi - lo]) if values is not None else array("Q", bytes(8 * (hi - lo)))
-        if on != want:
-            clusters.extend(range(lo, hi))
-        elif on.count(0) != len(on):
-            last_used = index
-    highest = 0
-    if last_used >= 0:
-        lo = last_used * per
-        on = refs.block(last_used)
-        highest = lo + max(i for i, v in enumerate(on[:min(nb, lo + per) - lo]) if v)
-    return clusters, highest
+        last = _last_used_if_equal(refs, index, want)
+        if last is None:
+            differ.append(index)
+        elif last >= 0:
+            highest = lo + last
+    return differ, highest
 
 
-def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix: int
-                  ) -> list[tuple[int, bytes]]:
+def _last_used_if_equal(refs: OnDiskRefcounts, index: int, want: array) -> int | None:
+    """When refcount block ``index`` holds exactly ``want`` (its first ``len(want)`` values):
+    the index of the last non-zero one in it, -1 when all are zero; None when it differs."""
+    m = len(want)
+    off = refs.block_offset(index)
+    if index not in refs.blocks and off and refs.order >= 3:
+        w = 1 << (refs.order - 3)
+        raw = refs.image.file.read(off, m * w)
+        equal = _holds(raw, want, w)
+        if equal is not None:
+            return -(-len(raw.rstrip(b"\0")) // w) - 1 if equal else None
+    values = refs.block(index)
+    if values is None:
+        on = want.tobytes()
+        return -1 if on == bytes(len(on)) else None
+    if array("Q", values[:m]) != want:
+        return None
+    return -(-len(want.tobytes().rstrip(b"\0")) // 8) - 1
+
+
+def _holds(raw: bytes, want: array, width: int) -> bool | None:
+    """Whether ``raw``, ``len(want)`` big-endian refcounts of ``width`` bytes, holds the
+    values of ``want`` (an ``array('Q')``), as byte comparisons: the common block (one value
+    in every slot in use, zeros after) against that pattern; any other block by spreading
+    ``raw``'s bytes into words. None on a big-endian host (the caller decodes)."""
+    m = len(want)
+    words = want.tobytes()
+    used = -(-len(words.rstrip(b"\0")) // 8)
+    v = want[0] if used else 0
+    if v < 1 << (8 * width) and words[:8 * used] == words[:8] * used:
+        return raw == v.to_bytes(width, "big") * used + bytes(width * (m - used))
+    if sys.byteorder != "little":
+        return None
+    spread = bytearray(8 * m)
+    for k in range(width):
+        spread[width - 1 - k::8] = raw[k::width]
+    return spread == words
+
+
+def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix: int,
+                  runs: dict[int, tuple[int, int]]) -> list[tuple[int, bytes]]:
     """COPIED must be set exactly on active L1/L2 entries whose cluster has refcount 1
-    (``refs`` with its patches). Returns the repair's writes, (offset, bytes), each already
+    (``refs`` with its patches). ``runs`` are the tables the walk found to be one run of
+    contiguous data clusters (``Tally.runs``): with COPIED set, such a table is right when
+    its clusters' refcounts all are 1, one byte comparison per refcount block. Returns the repair's writes, (offset, bytes), each already
     passed by the overlap rule; ``_write_copied`` writes them."""
     h = image.header
     cs = image.cluster_size
@@ -547,15 +591,13 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
     refcount = refs.lookup()
     scan = None
     file_clusters = -(-size // cs)
-    if scanmode.whole_tables(file_clusters) and not image.has_data_file:
-        from qcowfs.image import tablescan as scan
-        is_one, unreadable = scan.refcount_is_one(refs, file_clusters)
+    numpy_ok = scanmode.whole_tables(file_clusters) and not image.has_data_file
     for i, l1e in enumerate(l1):
         l2_off = l1e & L1E_OFFSET_MASK
         if not l2_off or l2_off % cs:
             continue
         try:
-            rc = refs.get(l2_off // cs)
+            rc = refs.get_one(l2_off // cs)
         except UnreadableRefblock:
             rc = None
         if rc is not None and (rc == 1) != bool(l1e & COPIED):
@@ -571,8 +613,15 @@ def _check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fi
                 res.corruptions_fixed += 1
         if l2_off >= size:
             continue  # reads as zeros: nothing to check
+        run = runs.get(l2_off)
+        if run is not None and run[0] & COPIED and \
+                refs.all_equal((run[0] & L2E_OFFSET_MASK) // cs, run[1], 1):
+            continue
         raw = f.read(l2_off, min(cs, size - l2_off))
         table = decode_u64_table(raw + bytes(cs - len(raw)))
+        if numpy_ok and scan is None:
+            from qcowfs.image import tablescan as scan
+            is_one, unreadable = scan.refcount_is_one(refs, file_clusters)
         if scan is not None and scan.copied_is_right(image, table, is_one, unreadable):
             continue
         changed = False
@@ -667,8 +716,15 @@ def _rebuild(image: Qcow2Image, tally: Tally) -> None:
     blocks: dict[int, int] = {}
     table_at = -1
     table_clusters = 0
+    def in_use() -> set[int]:
+        """The refcount blocks with a count in them, a block's bytes at a time."""
+        raw = memoryview(counts).cast("B")
+        step = 8 * per_block
+        return {k for k in range(-(-len(counts) // per_block))
+                if bytes(raw[k * step:(k + 1) * step]).strip(b"\0")}
+
     while True:
-        needed = {i // per_block for i in range(len(counts)) if counts[i]}
+        needed = in_use()
         missing = sorted(needed - set(blocks))
         for index in missing:
             c = first_fit(1)

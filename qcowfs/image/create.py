@@ -13,10 +13,10 @@ from __future__ import annotations
 import errno
 import os
 from array import array
-from dataclasses import dataclass, field
 
 from qcowfs.errors import FormatError, HostIOError, ImageError
 from qcowfs.format import header as hdr
+from qcowfs.format.record import field, record
 from qcowfs.format.tables import (
     COPIED,
     MAX_L1_BYTES,
@@ -34,7 +34,7 @@ class CreateError(ImageError):
     """The options do not describe an image that can be made."""
 
 
-@dataclass
+@record
 class QcowOptions:
     """What ``-o`` can say about a new qcow2 image (qemu-img's option names in comments)."""
 

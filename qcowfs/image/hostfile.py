@@ -14,7 +14,6 @@ write drops the cached pages it overwrites), and this object never has two reque
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 
@@ -30,6 +29,7 @@ DIRECT_ALIGNMENTS = (512, 4096)
 def aligned_buffer(size: int) -> memoryview:
     """``size`` writable bytes (rounded up to whole pages) at a page-aligned address, which
     O_DIRECT takes as they are."""
+    import mmap  # only for O_DIRECT and the writer: not at every CLI start
     pages = max(1, -(-size // mmap.PAGESIZE)) * mmap.PAGESIZE
     return memoryview(mmap.mmap(-1, pages))
 
@@ -300,8 +300,11 @@ class HostFile:
             self._size = end
 
     def sync(self) -> None:
+        """Make what was written durable: the data and what finding it needs (the size),
+        not the timestamps (``fdatasync``, as QEMU flushes; ``fsync`` also commits the
+        journal for the inode's times on every call)."""
         try:
-            os.fsync(self.fd)
+            os.fdatasync(self.fd)
         except OSError as exc:
             raise HostIOError.from_oserror(self.path, exc, "fsync failed") from None
 

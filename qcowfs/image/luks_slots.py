@@ -12,11 +12,11 @@ leaves a header pointing at destroyed material.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from qcowfs.errors import ImageError
 from qcowfs.format import header as hdr
 from qcowfs.format import luks
+from qcowfs.format.record import record
 
 from . import crypto
 from .qcow2 import Qcow2Image
@@ -25,7 +25,7 @@ from .qcow2 import Qcow2Image
 DEFAULT_ITER_TIME_MS = 2000
 
 
-@dataclass
+@record
 class KeySlotChange:
     """What ``-o encrypt.*`` asks for. A secret is a callable giving the password's bytes,
     called only where qemu-img looks the secret up (so an unknown id is reported in the same

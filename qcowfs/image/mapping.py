@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from qcowfs.errors import FormatError
+from qcowfs.format.record import record
 from qcowfs.format.tables import (
     COMPRESSED,
     COPIED,
@@ -53,7 +53,7 @@ def zero_fill(buf: memoryview, offset: int = 0) -> None:
         pos += step
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Extent:
     """A guest byte range of one kind. For NORMAL, ``host`` is the host offset of ``offset``
     (in the data file when the image has one); for ZERO and UNALLOCATED it is the host offset

@@ -58,6 +58,37 @@ class OnDiskRefcounts:
             self.blocks[index] = values
         return values
 
+    def all_equal(self, first: int, n: int, value: int) -> bool:
+        """Whether clusters [first, first + n) all have refcount ``value`` (with the patches),
+        compared a block's part at a time as bytes. False also where a block cannot be read:
+        the caller's per-cluster code then says what it makes of that."""
+        per = self.per_block
+        c, end = first, first + n
+        while c < end:
+            index, within = divmod(c, per)
+            stop = min(end, (index + 1) * per)
+            m = stop - c
+            if index < len(self.table) and self.table[index] & REFT_OFFSET_MASK & (self.cs - 1):
+                return False
+            values = self.blocks.get(index)
+            if values is None and self.order < 3:
+                values = self.block(index)
+            if values is not None:
+                if values[within:within + m].count(value) != m:
+                    return False
+            else:
+                off = self.block_offset(index)
+                if not off:
+                    if value:
+                        return False
+                else:
+                    w = 1 << (self.order - 3)
+                    if self.image.file.read(off + within * w, m * w) != \
+                            value.to_bytes(w, "big") * m:
+                        return False
+            c = stop
+        return True
+
     def lookup(self):
         """``get`` for a tight loop: the same answers, without the method calls per
         cluster once a block has been seen."""
@@ -81,6 +112,20 @@ class OnDiskRefcounts:
             raise UnreadableRefblock
         values = self.block(index)
         return values[within] if values is not None else 0
+
+    def get_one(self, cluster: int) -> int:
+        """``get`` for a lone cluster: reads just its refcount, without decoding (and
+        keeping) its whole block, unless the block is already at hand."""
+        index, within = divmod(cluster, self.per_block)
+        if index in self.blocks or self.order < 3:
+            return self.get(cluster)
+        if index < len(self.table) and self.table[index] & REFT_OFFSET_MASK & (self.cs - 1):
+            raise UnreadableRefblock
+        off = self.block_offset(index)
+        if not off:
+            return 0
+        w = 1 << (self.order - 3)
+        return int.from_bytes(self.image.file.read(off + within * w, w), "big")
 
     def set(self, cluster: int, value: int) -> bool:
         index, within = divmod(cluster, self.per_block)

@@ -8,6 +8,11 @@ before numpy would be loaded, so small images keep the CLI's start-up short.
 
 WHOLE_TABLE_MIN_CLUSTERS = 1 << 15
 
+#: Whether check takes a table that is one run of contiguous data clusters whole, without
+#: numpy, at any image size (``image/tableruns.py``). Off only in tests, to run the
+#: per-entry code on the same images.
+TABLE_RUNS = True
+
 
 def whole_tables(file_clusters: int) -> bool:
     return file_clusters >= WHOLE_TABLE_MIN_CLUSTERS

@@ -37,12 +37,38 @@ _ramps: dict[tuple[int, int], int] = {}
 
 
 def _ramp(count: int, step: int) -> int:
-    """``step * R2`` for ``count`` words (word i holds ``i * step``)."""
+    """``step * R2`` for ``count`` words (word i holds ``i * step``); R1 (a 1 in every word)
+    for step 0."""
     r = _ramps.get((count, step))
     if r is None:
-        r = _ramps[count, step] = int.from_bytes(array("Q", range(0, count * step, step)),
-                                                 _BYTEORDER)
+        words = array("Q", range(0, count * step, step)) if step else array("Q", [1]) * count
+        r = _ramps[count, step] = int.from_bytes(words, _BYTEORDER)
     return r
+
+
+def used_entries(table: array) -> int:
+    """How many words of ``table`` there are up to the last non-zero one."""
+    return -(-len(bytes(table).rstrip(b"\0")) // table.itemsize)
+
+
+_ones: dict[int, tuple[bytes, int, bytes]] = {}
+
+
+def add_one(counts: array, first: int, count: int) -> None:
+    """``counts[first:first + count] += 1`` (an ``array('Q')`` of counts far below 2^64):
+    the slice as one big integer plus a 1 in every word; a slice of zeros is just
+    overwritten with ones."""
+    ones = _ones.get(count)
+    if ones is None:
+        raw = array("Q", [1]) * count
+        ones = _ones[count] = (raw.tobytes(), int.from_bytes(raw, _BYTEORDER),
+                               bytes(8 * count))
+    view = memoryview(counts).cast("B")[first * 8:(first + count) * 8]
+    now = bytes(view)
+    if now == ones[2]:
+        view[:] = ones[0]
+    else:
+        view[:] = (int.from_bytes(now, _BYTEORDER) + ones[1]).to_bytes(len(now), _BYTEORDER)
 
 
 def contiguous_run(table: array, first: int, count: int, cluster_size: int) -> int | None:
@@ -57,8 +83,7 @@ def contiguous_run(table: array, first: int, count: int, cluster_size: int) -> i
     if not host or e0 & _NOT_PLAIN_DATA or host & (cluster_size - 1) \
             or host + count * cluster_size > _OFFSET_LIMIT:
         return None
-    same = int.from_bytes(array("Q", [e0]) * count, _BYTEORDER)  # e0 * R1
-    return e0 if x - same == _ramp(count, cluster_size) else None
+    return e0 if x - _ramp(count, cluster_size) == e0 * _ramp(count, 0) else None
 
 
 def uniform_extent(image: Qcow2Image, table: array, l2_off: int, first: int, count: int,

@@ -135,13 +135,14 @@ def refblock_values(raw: bytes, order: int) -> np.ndarray:
     return ((b[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1).astype(U64)
 
 
-def _blocks(refs: OnDiskRefcounts, n: int):
-    """(first cluster, values or None, unreadable) per refcount block over clusters [0, n):
-    the on-disk values (with ``refs``' patches); None where no block is there; unreadable
-    where the table entry is not cluster-aligned. One block in memory at a time."""
+def _blocks(refs: OnDiskRefcounts, n: int, indices=None):
+    """(first cluster, values or None, unreadable) per refcount block over clusters [0, n)
+    (only the blocks ``indices`` when given): the on-disk values (with ``refs``' patches);
+    None where no block is there; unreadable where the table entry is not cluster-aligned.
+    One block in memory at a time."""
     per = refs.per_block
     f = refs.image.file
-    for index in range(-(-n // per)):
+    for index in (range(-(-n // per)) if indices is None else indices):
         lo, hi = index * per, min(n, (index + 1) * per)
         entry = refs.table[index] if index < len(refs.table) else 0
         if entry & REFT_OFFSET_MASK & (refs.cs - 1):
@@ -169,16 +170,17 @@ def refcount_is_one(refs: OnDiskRefcounts, n: int) -> tuple[np.ndarray, np.ndarr
     return is_one, unreadable
 
 
-def compare_candidates(refs: OnDiskRefcounts, counts: array, beyond: dict[int, int], nb: int
-                       ) -> tuple[list[int], int]:
-    """The clusters of [0, nb) whose refcount is not what the walk expects (or cannot be
-    read), in order, and the highest cluster either side says is in use. One refcount block
-    at a time, so memory stays at a block's worth besides the tally."""
+def compare_candidates(refs: OnDiskRefcounts, counts: array, beyond: dict[int, int], nb: int,
+                       blocks: list[int] | None = None) -> tuple[list[int], int]:
+    """The clusters of [0, nb) (of the refcount blocks ``blocks`` when given, in order) whose
+    refcount is not what the walk expects (or cannot be read), in order, and the highest
+    cluster either side says is in use there. One refcount block at a time, so memory stays
+    at a block's worth besides the tally."""
     per = refs.per_block
     want_all = as_u64(counts)
     candidates: list[int] = []
     highest = 0
-    for lo, values, bad in _blocks(refs, nb):
+    for lo, values, bad in _blocks(refs, nb, blocks):
         hi = min(nb, lo + per)
         if bad:
             candidates.extend(range(lo, hi))

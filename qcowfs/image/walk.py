@@ -8,7 +8,6 @@ defect becomes a :class:`Defect` and the walk goes on; only host I/O errors rais
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field
 
 from qcowfs.errors import ImageError
 from qcowfs.format.bitmaps import (
@@ -16,6 +15,7 @@ from qcowfs.format.bitmaps import (
     BME_TABLE_RESERVED_MASK,
     parse_bitmap_directory,
 )
+from qcowfs.format.record import field, record
 from qcowfs.format.tables import (
     COMPRESSED,
     COPIED,
@@ -30,13 +30,13 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     decode_u64_table,
 )
-from qcowfs.image import scanmode
+from qcowfs.image import scanmode, tableruns
 from qcowfs.image.qcow2 import Qcow2Image
 
 CORRUPTION = "corruption"
 
 
-@dataclass
+@record
 class Defect:
     kind: str  # "corruption" (more kinds may follow)
     message: str
@@ -49,7 +49,7 @@ class Defect:
         return self.prefix + self.message
 
 
-@dataclass
+@record
 class ActiveStats:
     """Fragmentation figures of the active L1, as ``qemu-img check`` reports them."""
 
@@ -59,7 +59,7 @@ class ActiveStats:
     compressed_clusters: int = 0
 
 
-@dataclass
+@record
 class Tally:
     """Expected refcount per host cluster index of the image file."""
 
@@ -70,6 +70,10 @@ class Tally:
     #: clusters referenced past the end of the file (index -> count); only a reference that
     #: ends less than one cluster past the end counts (QEMU's rule), so this stays tiny
     beyond_eof: dict[int, int] = field(default_factory=dict)
+    #: active L2 tables the walk took whole (``tableruns``): table offset -> (first entry,
+    #: entries in use); the table is that run of plain data entries, then zeros. The COPIED
+    #: pass checks these without reading or decoding them again.
+    runs: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def expected(self, index: int) -> int:
         if index < len(self.counts):
@@ -81,10 +85,7 @@ class Tally:
         """One past the last cluster anything references."""
         last = max(self.beyond_eof, default=-1)
         if last < 0:
-            for i in range(len(self.counts) - 1, -1, -1):
-                if self.counts[i]:
-                    last = i
-                    break
+            last = tableruns.used_entries(self.counts) - 1
         return (last + 1) * self.cluster_size
 
 
@@ -96,14 +97,16 @@ class _Walker:
         self.file = image.file
         self.file_size = self.file.refresh_size()
         self.file_clusters = -(-self.file_size // self.cs)
-        self.tally = Tally(self.cs, array("Q", bytes(8 * self.file_clusters)))
+        # array("Q", [0]) * n writes only the array's own pages (from bytes(8 n) it copies)
+        self.tally = Tally(self.cs, array("Q", [0]) * self.file_clusters)
         self._next_host = 0
-        self.scan = None  # qcowfs.image.tablescan, for a large image without a data file
+        #: whole tables that are one run of contiguous data clusters, without numpy
+        self.runs = scanmode.TABLE_RUNS and not image.has_data_file and not image.extended_l2
+        #: qcowfs.image.tablescan (numpy) for the other tables of a large image without a
+        #: data file, loaded at the first such table
+        self.numpy_ok = scanmode.whole_tables(self.file_clusters) and not image.has_data_file
+        self.scan = None
         self._counts = None  # the tally's counts as a numpy array, while walking
-        if scanmode.whole_tables(self.file_clusters) and not image.has_data_file:
-            from qcowfs.image import tablescan
-            self.scan = tablescan
-            self._counts = tablescan.as_u64(self.tally.counts)
 
     def defect(self, message: str, offset: int = 0) -> None:
         self.tally.defects.append(Defect(CORRUPTION, message, offset))
@@ -206,6 +209,12 @@ class _Walker:
                 self.walk_l2(self.read_l2(l2_off), l2_off, active)
 
     def walk_l2(self, table: array, l2_off: int, active: bool) -> None:
+        if self.runs and self._walk_l2_run(table, l2_off, active):
+            return
+        if self.numpy_ok and self.scan is None:
+            from qcowfs.image import tablescan
+            self.scan = tablescan
+            self._counts = tablescan.as_u64(self.tally.counts)
         if self.scan is not None:
             found = self.scan.l2_references(self.image, table, self.file_size)
             if found is not None:
@@ -217,6 +226,31 @@ class _Walker:
                     stats.fragmented_clusters += found.fragmented
                 return
         self._walk_l2_entries(table, l2_off, active)
+
+    def _walk_l2_run(self, table: array, l2_off: int, active: bool) -> bool:
+        """A standard L2 table that is one run of plain data entries on contiguous host
+        clusters inside the file, then zeros (or all zeros), counted whole: one slice of the
+        tally gets +1. False for any other table (the caller's exact code takes it)."""
+        n = tableruns.used_entries(table)
+        if not n:
+            return True
+        cs = self.cs
+        e0 = tableruns.contiguous_run(table, 0, n, cs)
+        if not e0:
+            return False
+        host = e0 & L2E_OFFSET_MASK
+        if host + n * cs > self.file_size:
+            return False  # the per-entry code counts (and words) what lies past the end
+        first = host // cs
+        if self._counts is not None:
+            self._counts[first:first + n] += 1
+        else:
+            tableruns.add_one(self.tally.counts, first, n)
+        if active:
+            stats = self.tally.stats
+            stats.allocated_clusters += n  # contiguous: none fragmented within the table
+            self.tally.runs[l2_off] = (e0, n)
+        return True
 
     def _walk_l2_entries(self, table: array, l2_off: int, active: bool) -> None:
         """One entry at a time: every defect found and worded."""
@@ -327,7 +361,8 @@ class _Walker:
                                 "refcount table")
         if table is None:
             return
-        for i, entry in enumerate(table):
+        for i in range(tableruns.used_entries(table)):  # none after the last non-zero entry
+            entry = table[i]
             off = entry & REFT_OFFSET_MASK
             if entry & REFT_RESERVED_MASK:
                 self.defect(f"refcount table entry {i} has reserved bits set",
