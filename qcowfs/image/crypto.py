@@ -103,6 +103,9 @@ def _tweak_table(t0: np.ndarray) -> np.ndarray:
 #: requests of at most this many sectors (8 KiB) take the XTS tweaks from the byte table and
 #: CBC encryption sector by sector; above it the shift arithmetic and the column passes win
 _SMALL = 16
+#: requests of at most this many sectors go through libcrypto (qcowfs.image.evp) when it is
+#: there: about 0.5 µs a sector there against the array path's fixed ~15 µs per request
+_EVP_SECTORS = 16
 #: rows of each tweak byte's 256 entries in the byte table
 _BYTE_ROWS = (np.arange(16) * 256)[:, None]
 
@@ -140,7 +143,8 @@ class SectorCipher:
     blocks (16 bytes, 8 for CAST5) starting at a sector boundary, with ``sector`` the number
     of the first sector. Arrays are (sectors, blocks per sector, 64-bit lanes per block)."""
 
-    def __init__(self, cipher: str, mode: str, ivgen: str, ivgen_hash: str | None, key: bytes):
+    def __init__(self, cipher: str, mode: str, ivgen: str, ivgen_hash: str | None, key: bytes,
+                 *, fast: bool = True):
         if mode not in ("xts", "cbc", "ecb"):
             raise UnsupportedError(None, f"cipher mode {mode!r} is not supported")
         self.mode = mode
@@ -166,6 +170,35 @@ class SectorCipher:
             self._essiv, _ = _ecb(cipher, _essiv_key(cipher, digest))
         elif ivgen not in ("plain", "plain64") and mode != "ecb":
             raise UnsupportedError(None, f"IV generator {ivgen!r} is not supported")
+        self._evp = None
+        if fast and cipher == "aes" and mode in ("xts", "cbc"):
+            self._evp = self._open_evp(f"aes-{len(data_key) * 8}-{mode}",
+                                       key if mode == "xts" else data_key)
+
+    def _open_evp(self, name: str, key: bytes):
+        """libcrypto's context for this cipher and key (:mod:`qcowfs.image.evp`), kept only
+        when it encrypts and decrypts a known run exactly as the array path does (first
+        with the IV written in place, else with one IV call per sector); None otherwise."""
+        try:
+            from qcowfs.image import evp
+            fast = evp.EvpSectors(name, key, self.block)
+        except OSError:
+            return None
+        sample = bytes(range(256)) * 4
+        sector = 0x1_2345_6789
+        want = self.encrypt(sample, sector)
+        ivs = self._iv_bytes(sector, 2)
+        for live in (True, False):
+            fast.live_iv = live
+            enc, dec = bytearray(len(sample)), bytearray(len(sample))
+            try:
+                fast.run(sample, enc, ivs, 2, True)
+                fast.run(want, dec, ivs, 2, False)
+            except OSError:
+                return None
+            if enc == want and dec == sample:
+                return fast
+        return None
 
     def _iv_bytes(self, sector: int, count: int) -> bytes:
         """The IV blocks of ``count`` sectors from ``sector``, as one integer product (no
@@ -249,10 +282,25 @@ class SectorCipher:
             np.bitwise_xor(done, t, out=out[first:first + len(part)])
         return out
 
+    def decrypt_into(self, buf, sector: int) -> None:
+        """Decrypt ``buf`` (whole sectors, writable) in place."""
+        count = len(buf) >> 9
+        if self._evp is not None and count <= _EVP_SECTORS:
+            self._evp.run(buf, buf, self._iv_bytes(sector, count), count, False)
+        else:
+            buf[:] = self.decrypt(buf, sector)
+
+    def _evp_run(self, data, sector: int, count: int, enc: bool) -> bytes:
+        out = bytearray(len(data))
+        self._evp.run(data, out, self._iv_bytes(sector, count), count, enc)
+        return bytes(out)
+
     def decrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
             return self._dec.update(bytes(data))
         count = len(data) >> 9
+        if self._evp is not None and count <= _EVP_SECTORS and len(data) == count * SECTOR:
+            return self._evp_run(data, sector, count, False)
         if self.mode == "xts" and count <= _SMALL and len(data) == count * SECTOR:
             return self._xts_small(data, sector, count, self._dec)
         arr, count, n = self._shaped(data)
@@ -272,6 +320,8 @@ class SectorCipher:
         if self.mode == "ecb":
             return self._enc.update(bytes(data))
         count = len(data) >> 9
+        if self._evp is not None and count <= _EVP_SECTORS and len(data) == count * SECTOR:
+            return self._evp_run(data, sector, count, True)
         if count <= _SMALL and len(data) == count * SECTOR:
             if self.mode == "xts":
                 return self._xts_small(data, sector, count, self._enc)
@@ -305,6 +355,10 @@ class ImageCrypto:
 
     def encrypt(self, data, host: int, guest: int) -> bytes:
         return self.cipher.encrypt(data, (host if self.physical else guest) // SECTOR)
+
+    def decrypt_into(self, buf, host: int, guest: int) -> None:
+        """Decrypt ``buf``, whole sectors read from ``host``, in place."""
+        self.cipher.decrypt_into(buf, (host if self.physical else guest) // SECTOR)
 
 
 def legacy_aes(password: bytes) -> ImageCrypto:
