@@ -1,14 +1,18 @@
 """Sector ciphers of encrypted qcow2 images: LUKS1 (crypt_method 2) and legacy AES (1).
 
 Both encrypt each 512-byte sector on its own, with an IV made from a sector number: the host
-sector for LUKS, the guest sector for legacy AES (QEMU's rules). A whole run of sectors is done
-in a handful of library calls, never a Python loop over blocks: XTS computes every block's
-tweak for the run at once around one ECB pass (a few sectors: the XOR of rows of a 2 MiB byte
-table, since multiplying by x^j is linear; more: GF(2^128) shifts in 64-bit lanes); CBC
-decrypts in one ECB pass plus one XOR, and encrypts a few sectors with one library call each
-on one long-lived context, more block column by block column across all sectors (32 ECB calls
-for any run length). IVs are one integer product. The per-request cost is numpy's and the
-library's per-call cost, so fewer calls is what makes a 4 KiB request fast.
+sector for LUKS, the guest sector for legacy AES (QEMU's rules).
+
+Small runs (up to 8 KiB, 32 KiB for CBC encryption) go through the system's libcrypto when it
+is there (:mod:`qcowfs.image.evp`): one ``EVP_Cipher`` per sector, without the GIL, checked
+once per key against the array path below. Everything else, and every run when libcrypto is
+missing, takes the array path, a handful of library calls per run and no Python loop over
+blocks: XTS computes every block's tweak for the run at once around one ECB pass (GF(2^128)
+shifts in 64-bit lanes); CBC decrypts in one ECB pass plus one XOR, and encrypts a few sectors
+with one library call each on one long-lived context, more block column by block column across
+all sectors (32 ECB calls for any run length). IVs are one integer product. The array path's
+cost is numpy's and the library's per-call cost (some 15 µs for 4 KiB, twice that with the
+daemon's cold caches), which is why small runs leave it.
 
 ``cryptography`` and ``numpy`` load only with this module, that is only when an encrypted image
 is opened.
@@ -100,26 +104,15 @@ def _tweak_table(t0: np.ndarray) -> np.ndarray:
     return t
 
 
-#: requests of at most this many sectors (8 KiB) take the XTS tweaks from the byte table and
-#: CBC encryption sector by sector; above it the shift arithmetic and the column passes win
+#: requests of at most this many sectors (8 KiB) take CBC encryption sector by sector on the
+#: array path; above it the column passes win
 _SMALL = 16
 #: requests of at most this many sectors go through libcrypto (qcowfs.image.evp) when it is
-#: there: about 0.5 µs a sector there against the array path's fixed ~15 µs per request
-_EVP_SECTORS = 16
-#: rows of each tweak byte's 256 entries in the byte table
-_BYTE_ROWS = (np.arange(16) * 256)[:, None]
-
-
-@functools.cache
-def _byte_table() -> np.ndarray:
-    """All 32 block tweaks of a sector (as (32, 2) lanes flattened to 64) for a first tweak
-    that is one byte value at one byte position, row ``position * 256 + value``: 4096 rows of
-    512 bytes, 2 MiB, the same for every key. Multiplying by x^j is linear over GF(2), so the
-    tweaks of any first tweak are the XOR of the 16 rows its bytes pick."""
-    t0 = np.zeros((16, 256, 2), _U64)
-    for pos in range(16):
-        t0[pos, :, pos // 8] = np.arange(256, dtype=_U64) << np.uint64(8 * (pos % 8))
-    return np.ascontiguousarray(_tweak_table(t0.reshape(-1, 2)).reshape(4096, _BLOCKS * 2))
+#: there: about 0.5-1 µs a sector, against the array path's ~15 µs per 4 KiB request hot and
+#: 30-40 µs in the daemon (cold caches); beyond, the array path's fixed cost is spread thin
+_EVP_SECTORS = {"xts": 16, "cbc": 16}
+#: CBC encryption is sequential on the array path (32 ECB calls a run): libcrypto longer
+_EVP_SECTORS_CBC_ENCRYPT = 64
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,7 +151,6 @@ class SectorCipher:
             if self.block != 16:
                 raise UnsupportedError(None, f"xts needs a 16-byte block cipher, not {cipher}")
             self._tweak_enc, _ = _ecb(cipher, key[len(key) // 2:])
-            self._table = _byte_table()
         elif mode == "cbc":
             self._chain_enc = Cipher(_block_cipher(cipher, data_key),
                                      modes.CBC(bytes(self.block))).encryptor()
@@ -171,6 +163,8 @@ class SectorCipher:
         elif ivgen not in ("plain", "plain64") and mode != "ecb":
             raise UnsupportedError(None, f"IV generator {ivgen!r} is not supported")
         self._evp = None
+        self._evp_decrypt = _EVP_SECTORS.get(mode, 0)
+        self._evp_encrypt = _EVP_SECTORS_CBC_ENCRYPT if mode == "cbc" else self._evp_decrypt
         if fast and cipher == "aes" and mode in ("xts", "cbc"):
             self._evp = self._open_evp(f"aes-{len(data_key) * 8}-{mode}",
                                        key if mode == "xts" else data_key)
@@ -223,12 +217,9 @@ class SectorCipher:
         return _tweak_table(t0.reshape(count, 2))
 
     def _xts_small(self, data, sector: int, count: int, ecb) -> bytes:
-        """XTS over a few whole sectors in eight calls: the first tweaks (one ECB call), all
-        block tweaks as the XOR of the byte-table rows their bytes pick (one take, one
-        reduce), then XOR, ECB pass, XOR."""
-        t0 = np.frombuffer(self._tweak_enc.update(self._iv_bytes(sector, count)), np.uint8)
-        rows = t0.reshape(count, 16).T + _BYTE_ROWS
-        t = np.bitwise_xor.reduce(self._table.take(rows, axis=0), axis=0)
+        """XTS over a few whole sectors without the chunking and shaping of :meth:`_xts`:
+        the tweaks, then XOR, ECB pass, XOR."""
+        t = self._tweaks(sector, count)
         x = np.frombuffer(data, _U64).reshape(t.shape) ^ t
         done = np.frombuffer(ecb.update(_bytes_of(x)), _U64).reshape(t.shape)
         np.bitwise_xor(done, t, out=t)
@@ -285,7 +276,7 @@ class SectorCipher:
     def decrypt_into(self, buf, sector: int) -> None:
         """Decrypt ``buf`` (whole sectors, writable) in place."""
         count = len(buf) >> 9
-        if self._evp is not None and count <= _EVP_SECTORS:
+        if self._evp is not None and count <= self._evp_decrypt:
             self._evp.run(buf, buf, self._iv_bytes(sector, count), count, False)
         else:
             buf[:] = self.decrypt(buf, sector)
@@ -299,7 +290,7 @@ class SectorCipher:
         if self.mode == "ecb":
             return self._dec.update(bytes(data))
         count = len(data) >> 9
-        if self._evp is not None and count <= _EVP_SECTORS and len(data) == count * SECTOR:
+        if self._evp is not None and count <= self._evp_decrypt and len(data) == count * SECTOR:
             return self._evp_run(data, sector, count, False)
         if self.mode == "xts" and count <= _SMALL and len(data) == count * SECTOR:
             return self._xts_small(data, sector, count, self._dec)
@@ -320,7 +311,7 @@ class SectorCipher:
         if self.mode == "ecb":
             return self._enc.update(bytes(data))
         count = len(data) >> 9
-        if self._evp is not None and count <= _EVP_SECTORS and len(data) == count * SECTOR:
+        if self._evp is not None and count <= self._evp_encrypt and len(data) == count * SECTOR:
             return self._evp_run(data, sector, count, True)
         if count <= _SMALL and len(data) == count * SECTOR:
             if self.mode == "xts":
