@@ -222,3 +222,79 @@ def test_encrypted_in_place_writes_through_the_data_threads(tmp_path: Path):
         assert disk.read_bytes() == bytes(expected)
     assert q.to_raw_encrypted(img, tmp_path / "got.raw", [KEY]) == bytes(expected)
     assert q.check_encrypted(img, [KEY])[0] == 0
+
+
+@pytest.mark.parametrize("options", [{}, {"encrypt.cipher-mode": "cbc", "encrypt.ivgen-alg":
+                                          "essiv", "encrypt.ivgen-hash-alg": "sha256"}],
+                         ids=["xts", "cbc-essiv"])
+def test_encrypted_reads_through_the_data_threads(tmp_path: Path, options):
+    """Readers at a queue depth (their reads go to the data threads, which decrypt them)
+    while a writer overwrites the other half and a snapshot is taken: every read returns
+    the bytes written, and QEMU reads back what the writer wrote."""
+    import mmap
+    import random
+    import threading
+
+    img = q.create_encrypted(tmp_path / "luks.qcow2", 16 * MiB, KEY, preallocation="full",
+                             **options)
+    data = bytearray(b"\x5a" * (16 * MiB))
+    for k in range(0, 8 * MiB, 4096):  # readers' half: a pattern that names each block
+        data[k:k + 8] = k.to_bytes(8, "little")
+    src = tmp_path / "src.raw"
+    src.write_bytes(data)
+    objects, opts = q.encrypted_opts(img, [KEY])
+    q.qemu_img("convert", "-n", *objects, "-f", "raw", "--target-image-opts", str(src), opts)
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(KEY.encode())
+    expected = bytearray(data)
+    errors: list[BaseException] = []
+    with mounted(img, tmp_path / "mnt", f"rw,key_file={keyfile},io_threads=2") as mp:
+        disk = mp / "disk"
+
+        def reader(k: int) -> None:
+            try:
+                rng = random.Random(k)
+                fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+                buf = mmap.mmap(-1, 65536)
+                try:
+                    for _ in range(300):
+                        n = rng.choice([4096, 8192, 65536])
+                        off = rng.randrange(0, (8 * MiB - n) // 4096) * 4096
+                        assert os.preadv(fd, [memoryview(buf)[:n]], off) == n
+                        assert buf[:n] == data[off:off + n], (off, n)
+                finally:
+                    os.close(fd)
+                    buf.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        def writer() -> None:
+            try:
+                rng = random.Random(99)
+                fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
+                buf = mmap.mmap(-1, 65536)
+                try:
+                    for _ in range(150):
+                        n = rng.choice([4096, 65536])
+                        off = 8 * MiB + rng.randrange(0, (8 * MiB - n) // 4096) * 4096
+                        chunk = rng.randbytes(n)
+                        buf[:n] = chunk
+                        assert os.pwritev(fd, [memoryview(buf)[:n]], off) == n
+                        expected[off:off + n] = chunk
+                finally:
+                    os.close(fd)
+                    buf.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+        threads.append(threading.Thread(target=writer))
+        for t in threads:
+            t.start()
+        os.mkdir(mp / "snapshots" / "s0")
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+    assert q.to_raw_encrypted(img, tmp_path / "out.raw", [KEY]) == bytes(expected)
+    code, report = q.check_encrypted(img, [KEY])
+    assert code == 0, report

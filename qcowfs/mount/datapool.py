@@ -95,13 +95,14 @@ class DataPool:
         other work (a request in the pool, or ``waiting()``: one queued in the kernel)."""
         return self.in_flight > 0 or waiting()
 
-    def submit_read(self, file, host: int, length: int, reply) -> None:
+    def submit_read(self, file, host: int, length: int, reply, decrypt=None) -> None:
         """Read ``length`` bytes at ``host`` in ``file`` on a worker, which then answers
-        ``reply`` with them (or the error)."""
+        ``reply`` with them (or the error); ``decrypt(buf)`` first turns encrypted sectors
+        into guest bytes in place (``Disk.locate_sealed_read``)."""
         with self._idle:
             self.in_flight += 1
         self.reads_offloaded += 1
-        self._queue.put((_read_job, file, host, None, reply, length))
+        self._queue.put((_read_job, file, host, decrypt, reply, length))
 
     def drain(self) -> None:
         """Return once no write is in flight (the barrier; free when there is none)."""
@@ -133,7 +134,7 @@ class DataPool:
                 job(self, state, file, host, view, reply, length)
             except OSError as exc:
                 self.failed += 1
-                what = "read" if view is None else "write"
+                what = "write" if job is _write_job else "read"
                 log.error("%s of %d bytes at host offset %d of %s failed: %s (answered "
                           "%s)", what, length, host, file.path, exc.strerror,
                           errno.errorcode.get(exc.errno or errno.EIO, "EIO"))
@@ -177,10 +178,13 @@ def _write_job(pool: DataPool, state: _ThreadState, file, host: int, view: memor
     reply.done(length)
 
 
-def _read_job(pool: DataPool, state: _ThreadState, file, host: int, _view, reply,
+def _read_job(pool: DataPool, state: _ThreadState, file, host: int, decrypt, reply,
               length: int) -> None:
     buf = state.buffer(length)
-    reply.data(buf[:read_host(file, buf, host)])
+    read_host(file, buf, host)
+    if decrypt is not None:
+        decrypt(buf)
+    reply.data(buf)
 
 
 def read_host(file, buf: memoryview, host: int, got: int = 0) -> int:
