@@ -301,16 +301,6 @@ class Disk(_View):
         f = top.file
         return (f, offset) if offset + n <= f.size else None
 
-    def locate_sealed_read(self, offset: int, n: int):
-        """``(HostFile, host offset, decrypt)`` where the ``n`` bytes at ``offset`` lie as
-        one run of whole encrypted sectors of the top image, for a caller that reads and
-        decrypts them itself, from any thread, under the same barrier as
-        :meth:`locate_read`; None: read them with :meth:`readinto`."""
-        top = self.top
-        if isinstance(top, Qcow2Image) and top.encrypted:
-            return top.active.locate_sealed(offset, n)
-        return None
-
     def flush(self) -> None:
         """Everything written so far is durable when this returns."""
         self._require_writable()

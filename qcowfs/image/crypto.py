@@ -157,7 +157,6 @@ class SectorCipher:
             self._chain = 0
             self._chain_lock = threading.Lock()
         self._essiv = None
-        self._essiv_lock = threading.Lock()
         if ivgen == "essiv":
             digest = hashlib.new(ivgen_hash, key).digest()
             self._essiv, _ = _ecb(cipher, _essiv_key(cipher, digest))
@@ -207,10 +206,7 @@ class SectorCipher:
                                 for i in range(count))
         ones, iota = _iv_spread(count, width)
         ivs = (sector * ones + iota).to_bytes(count * width, "little")
-        if self._essiv is None:
-            return ivs
-        with self._essiv_lock:  # a cryptography context serves one thread at a time
-            return self._essiv.update(ivs)
+        return self._essiv.update(ivs) if self._essiv is not None else ivs
 
     def _ivs(self, sector: int, count: int) -> np.ndarray:
         return np.frombuffer(self._iv_bytes(sector, count), _U64).reshape(count, self._lanes)
@@ -276,9 +272,6 @@ class SectorCipher:
             done = np.frombuffer(ecb.update(_bytes_of(t2)), _U64).reshape(t.shape)
             np.bitwise_xor(done, t, out=out[first:first + len(part)])
         return out
-
-    def threads_ok(self, n: int) -> bool:
-        return self._evp is not None and n >> 9 <= self._evp_decrypt
 
     def decrypt_into(self, buf, sector: int) -> None:
         """Decrypt ``buf`` (whole sectors, writable) in place."""
@@ -357,11 +350,6 @@ class ImageCrypto:
     def decrypt_into(self, buf, host: int, guest: int) -> None:
         """Decrypt ``buf``, whole sectors read from ``host``, in place."""
         self.cipher.decrypt_into(buf, (host if self.physical else guest) // SECTOR)
-
-    def threads_ok(self, n: int) -> bool:
-        """Whether decrypting ``n`` bytes of whole sectors may run on another thread, mostly
-        without the GIL: libcrypto does it (the array path's contexts are one thread's)."""
-        return self.cipher.threads_ok(n)
 
 
 def legacy_aes(password: bytes) -> ImageCrypto:

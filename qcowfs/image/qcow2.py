@@ -7,7 +7,6 @@ commit, rebase and convert all walk those runs; a run of data becomes one ``prea
 
 from __future__ import annotations
 
-import functools
 import os
 from array import array
 from collections import OrderedDict
@@ -309,26 +308,6 @@ class Mapping:
         img = self.image
         if img.encrypted or img.extended_l2 or n <= 0:
             return None
-        return self._locate(offset, n)
-
-    def locate_sealed(self, offset: int, n: int):
-        """Like :meth:`locate` for an encrypted image: ``(file, host offset, decrypt)`` when
-        the ``n`` guest bytes at ``offset`` are one run of whole encrypted sectors that
-        ``decrypt(buf)`` (in place, from any thread, without holding the GIL for long) turns
-        into the guest bytes; None otherwise."""
-        img = self.image
-        crypto = img.crypto
-        if crypto is None or img.extended_l2 or n <= 0 or (offset | n) & 511 \
-                or not crypto.threads_ok(n):
-            return None
-        at = self._locate(offset, n)
-        if at is None:
-            return None
-        f, host = at
-        return f, host, functools.partial(crypto.decrypt_into, host=host, guest=offset)
-
-    def _locate(self, offset: int, n: int) -> tuple[HostFile, int] | None:
-        img = self.image
         cb = img.cluster_bits
         if offset >> cb == (offset + n - 1) >> cb:
             cidx = offset >> cb

@@ -95,14 +95,13 @@ class DataPool:
         other work (a request in the pool, or ``waiting()``: one queued in the kernel)."""
         return self.in_flight > 0 or waiting()
 
-    def submit_read(self, file, host: int, length: int, reply, decrypt=None) -> None:
+    def submit_read(self, file, host: int, length: int, reply) -> None:
         """Read ``length`` bytes at ``host`` in ``file`` on a worker, which then answers
-        ``reply`` with them (or the error); ``decrypt(buf)`` first turns encrypted sectors
-        into guest bytes in place (``Disk.locate_sealed_read``)."""
+        ``reply`` with them (or the error)."""
         with self._idle:
             self.in_flight += 1
         self.reads_offloaded += 1
-        self._queue.put((_read_job, file, host, decrypt, reply, length))
+        self._queue.put((_read_job, file, host, None, reply, length))
 
     def drain(self) -> None:
         """Return once no write is in flight (the barrier; free when there is none)."""
@@ -134,7 +133,7 @@ class DataPool:
                 job(self, state, file, host, view, reply, length)
             except OSError as exc:
                 self.failed += 1
-                what = "write" if job is _write_job else "read"
+                what = "read" if view is None else "write"
                 log.error("%s of %d bytes at host offset %d of %s failed: %s (answered "
                           "%s)", what, length, host, file.path, exc.strerror,
                           errno.errorcode.get(exc.errno or errno.EIO, "EIO"))
@@ -178,13 +177,10 @@ def _write_job(pool: DataPool, state: _ThreadState, file, host: int, view: memor
     reply.done(length)
 
 
-def _read_job(pool: DataPool, state: _ThreadState, file, host: int, decrypt, reply,
+def _read_job(pool: DataPool, state: _ThreadState, file, host: int, _view, reply,
               length: int) -> None:
     buf = state.buffer(length)
-    read_host(file, buf, host)
-    if decrypt is not None:
-        decrypt(buf)
-    reply.data(buf)
+    reply.data(buf[:read_host(file, buf, host)])
 
 
 def read_host(file, buf: memoryview, host: int, got: int = 0) -> int:

@@ -98,9 +98,6 @@ class QcowfsOperations(pyfuse3.Operations):
         self._read_buf = aligned_buffer(1 << 20)
         #: whether preadv(RWF_NOWAIT) works on the image's file system
         self._nowait = True
-        #: whether reads of encrypted data may go to the data threads (the top image is
-        #: encrypted; ``Disk.locate_sealed_read`` decides each read)
-        self._sealed_reads = bool(getattr(getattr(self.disk, "top", None), "encrypted", False))
         #: plain threads for slow in-place writes and reads that wait for the disk
         #: (datapool.py); None: every request inline
         self.pool: DataPool | None = None
@@ -293,14 +290,6 @@ class QcowfsOperations(pyfuse3.Operations):
                 at = view.locate_read(off, n) if n else None
                 if at is not None:
                     return self._read_host(pool, at[0], at[1], buf[:n])
-                if self._sealed_reads and n and pool.busy(request_waiting):
-                    # Encrypted: the decryption is the work, and libcrypto does it mostly
-                    # without the GIL, so a thread takes it whenever the loop has other work.
-                    sealed = view.locate_sealed_read(off, n)
-                    if sealed is not None:
-                        pool.submit_read(sealed[0], sealed[1], n, pyfuse3.defer_read_reply(),
-                                         sealed[2])
-                        return b""
             n = view.readinto(buf[:size], off)
         except Exception as exc:
             raise self._fail(exc, f"read of {size} bytes at offset {off}") from None
