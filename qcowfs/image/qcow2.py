@@ -298,7 +298,7 @@ class Qcow2Image:
         span = (head + n + 511) & ~511
         if not head and span == n:
             self._read_plain(buf, host)
-            buf[:] = crypto.decrypt(buf, host, guest)
+            crypto.decrypt_into(buf, host, guest)
             return
         raw = memoryview(bytearray(span))
         self._read_plain(raw, host - head)
