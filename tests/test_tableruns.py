@@ -80,7 +80,7 @@ def test_used_entries(values):
 def test_refblock_bytes_compare_is_the_decoded_compare(width, want, data):
     """check's byte comparison of a refcount block with the walk's counts (``_holds``)
     says what comparing the decoded values says."""
-    from qcowfs.image.check import _holds
+    from qcowfs.image.check.compare import holds as _holds
     on = data.draw(st.sampled_from([want, [v % (1 << 8 * width) for v in want],
                                     [want[0]] * len(want), [0] * len(want)]))
     on = [v % (1 << 8 * width) for v in on]
