@@ -125,6 +125,17 @@ def unaligned_copied_past_eof(d: Path) -> Path:
     return p
 
 
+def zero_alloc_unaligned(d: Path) -> Path:
+    """A preallocated zero cluster whose offset is 512 bytes off: QEMU's repair makes it a
+    plain zero cluster during its walk and counts no reference for it (``-r leaks`` and a
+    plain check only report it)."""
+    p = base_image(d)
+    off = l2_offset(p) + 8
+    host = u64(p, off) & ((1 << 56) - 512)
+    poke(p, off, struct.pack(">Q", (host + 512) | 1 | (1 << 63)))
+    return p
+
+
 def refblock_unaligned(d: Path) -> Path:
     p = base_image(d)
     rt = header(p)["reftable"]
@@ -274,6 +285,7 @@ CASES: dict[str, Callable[[Path], Path]] = {
     "unaligned_data": unaligned_data,
     "refblock_unaligned": refblock_unaligned,
     "unaligned_copied_past_eof": unaligned_copied_past_eof,
+    "zero_alloc_unaligned": zero_alloc_unaligned,
     "leaked_small_clusters": leaked_small_clusters,
     "leaked_wide_refcounts": leaked_wide_refcounts,
     "compressed_leak": compressed_leak,

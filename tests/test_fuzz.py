@@ -132,6 +132,17 @@ REGRESSIONS = [
                  "offset starts in and clears the flag (check.py _check_copied, "
                  "tablescan.py copied_is_right)",
                  id="copied-on-unaligned-entry-after-leak-fix"),
+    pytest.param("c4k", [("header.compatible_features", 80, "0000000000000002"),
+                         ("header.l1_size", 36, "00001008")], ["check-r-all", JUDGE],
+                 "check -r all made it worse (qemu-img check: 11922 corruptions, then 11929; "
+                 "make fuzz, seed 1): an L1 claimed 4104 entries long reads L2 tables out of "
+                 "the L1 itself, and one holds a preallocated zero cluster at an unaligned "
+                 "offset. QEMU's walk repairs such an entry at once (a plain zero cluster), "
+                 "and here the overlap rule refuses that write, which ends the check with only "
+                 "the corrupt bit written; qcowfs did not make that repair, so it went on to "
+                 "rebuild the refcounts and fix COPIED flags before a later write was refused "
+                 "(walk.py zero_alloc_fixes, check/repair.py fix_zero_alloc)",
+                 id="zero-alloc-unaligned-fix-refused"),
 ]
 
 

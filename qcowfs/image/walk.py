@@ -74,6 +74,11 @@ class Tally:
     #: entries in use); the table is that run of plain data entries, then zeros. The COPIED
     #: pass checks these without reading or decoding them again.
     runs: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: with ``fix_errors``: preallocated zero clusters at an unaligned offset, which the repair
+    #: turns into plain zero clusters (QEMU's fix during its walk), in walk order: (file offset
+    #: of the entry, new entry, whether the table is active, the unaligned host offset). The
+    #: walk neither counts them nor their references.
+    zero_alloc_fixes: list[tuple[int, int, bool, int]] = field(default_factory=list)
 
     def expected(self, index: int) -> int:
         if index < len(self.counts):
@@ -90,8 +95,9 @@ class Tally:
 
 
 class _Walker:
-    def __init__(self, image: Qcow2Image):
+    def __init__(self, image: Qcow2Image, fix_errors: bool = False):
         self.image = image
+        self.fix_errors = fix_errors
         self.h = image.header
         self.cs = image.cluster_size
         self.file = image.file
@@ -301,6 +307,12 @@ class _Walker:
                             l2_off)
             if not host and not (data_file and entry & COPIED):
                 continue
+            if host % cs and self.fix_errors and not (
+                    table[j + 1] & SUB_ALLOC_MASK if extended else not entry & ZERO_FLAG):
+                # QEMU's repair makes it a plain zero cluster at once and counts nothing
+                self.tally.zero_alloc_fixes.append(
+                    (l2_off + 8 * j, 0 if extended else ZERO_FLAG, active, host))
+                continue
             if active:
                 stats.allocated_clusters += 1
                 self._fragment(host)
@@ -375,6 +387,8 @@ class _Walker:
             self.ref(off, self.cs, "refcount block")
 
 
-def tally_references(image: Qcow2Image) -> Tally:
-    """Walk all metadata of ``image`` (as it is on disk) and count references per cluster."""
-    return _Walker(image).walk()
+def tally_references(image: Qcow2Image, fix_errors: bool = False) -> Tally:
+    """Walk all metadata of ``image`` (as it is on disk) and count references per cluster.
+    ``fix_errors``: for ``check -r all``, which repairs some entries during the walk, as QEMU
+    does (:attr:`Tally.zero_alloc_fixes`)."""
+    return _Walker(image, fix_errors).walk()

@@ -26,7 +26,15 @@ from qcowfs.image.refcount_read import OnDiskRefcounts
 from qcowfs.image.walk import Tally, tally_references
 
 from .compare import check_refblocks, cluster_count, compare, punch
-from .repair import Guard, Refused, check_copied, mark_clean, rebuild_refcounts, write_copied
+from .repair import (
+    Guard,
+    Refused,
+    check_copied,
+    fix_zero_alloc,
+    mark_clean,
+    rebuild_refcounts,
+    write_copied,
+)
 from .result import FIX_ALL, FIX_ERRORS, FIX_LEAKS, CheckResult
 from .snapshots import check_snapshot_table, rewrite_snapshot_table, trim_snapshot_table
 
@@ -58,7 +66,9 @@ def _check(image: Qcow2Image, fix: int, res: CheckResult) -> CheckResult:
     if not trim_snapshot_table(image, fix, res):
         return res
     rewrite_snapshots = check_snapshot_table(image, fix, res)
-    tally = tally_references(image)
+    tally = tally_references(image, fix_errors=bool(fix & FIX_ERRORS))
+    if tally.zero_alloc_fixes:
+        fix_zero_alloc(image, tally, res)
     _take_stats(tally, res)
     for d in tally.defects:
         res.corruptions += 1

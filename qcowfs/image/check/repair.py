@@ -205,6 +205,24 @@ def check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix
     return writes
 
 
+def fix_zero_alloc(image: Qcow2Image, tally: Tally, res: CheckResult) -> None:
+    """Turn the walk's preallocated zero clusters at unaligned offsets into plain zero
+    clusters, in walk order, each write passing the overlap rule first (a refusal stops the
+    check with the entries before it written, as QEMU's repair during its walk does)."""
+    guard = Guard(image, OnDiskRefcounts(image))
+    f = image.file
+    try:
+        for offset, entry, active, host in tally.zero_alloc_fixes:
+            res.messages.append(f"Repairing L2 entry at {offset}: preallocated zero cluster at "
+                                f"unaligned offset {host}")
+            guard.check("active L2 table" if active else "inactive L2 table", offset, 8)
+            f.write(offset, entry.to_bytes(8, "big"))
+            res.corruptions_fixed += 1
+    finally:
+        if res.corruptions_fixed:
+            f.sync()
+
+
 def write_copied(image: Qcow2Image, writes: list[tuple[int, bytes]]) -> None:
     for offset, raw in writes:
         image.file.write(offset, raw)
