@@ -281,11 +281,14 @@ class SectorCipher:
         count = len(buf) >> 9
         if self._evp is not None and count <= self._evp_decrypt:
             self._evp.run(buf, buf, self._iv_bytes(sector, count), count, False)
-        elif self.mode == "xts" and count > _SMALL:
+        elif self.mode in ("xts", "cbc") and count > _SMALL:
             # In place: no output array, no bytes copy of it and no copy back (a 1 MiB
-            # read spent a third of its time allocating, faulting in and copying those)
+            # read spent half its time allocating, faulting in and copying those)
             arr = np.frombuffer(buf, _U64).reshape(count, self._blocks, self._lanes)
-            self._xts(arr, sector, self._dec, out=arr)
+            if self.mode == "xts":
+                self._xts(arr, sector, self._dec, out=arr)
+            else:
+                self._cbc_decrypt(arr, sector, arr)
         else:
             buf[:] = self.decrypt(buf, sector)
 
@@ -305,15 +308,21 @@ class SectorCipher:
         arr, count, n = self._shaped(data)
         if self.mode == "xts":
             return self._xts(arr, sector, self._dec).tobytes()[:n]
-        out = np.empty_like(arr)
-        for first in range(0, count, _CHUNK):
+        return self._cbc_decrypt(arr, sector, np.empty_like(arr)).tobytes()[:n]
+
+    def _cbc_decrypt(self, arr: np.ndarray, sector: int, out: np.ndarray) -> np.ndarray:
+        """CBC decryption of whole sectors, chunk by chunk: one ECB pass, then XOR with the
+        ciphertext shifted by a block (each sector's IV in front). ``out`` may be ``arr``:
+        a chunk's ECB output and shifted ciphertext are taken before it is written."""
+        for first in range(0, len(arr), _CHUNK):
             part = arr[first:first + _CHUNK]
-            prev = out[first:first + len(part)]
-            prev[:, 0, :] = self._ivs(sector + first, len(part))
-            prev[:, 1:, :] = part[:, :-1, :]
-            plain = np.frombuffer(self._dec.update(_bytes_of(part)), _U64)
-            np.bitwise_xor(plain.reshape(part.shape), prev, out=prev)
-        return out.tobytes()[:n]
+            plain = np.frombuffer(self._dec.update(_bytes_of(part)), _U64).reshape(part.shape)
+            shifted = part[:, :-1, :].copy() if out is arr else part[:, :-1, :]
+            dest = out[first:first + len(part)]
+            np.bitwise_xor(plain[:, 0, :], self._ivs(sector + first, len(part)),
+                           out=dest[:, 0, :])
+            np.bitwise_xor(plain[:, 1:, :], shifted, out=dest[:, 1:, :])
+        return out
 
     def encrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
@@ -337,7 +346,7 @@ class SectorCipher:
             block = np.frombuffer(self._enc.update(_bytes_of(arr[:, j, :] ^ prev)), _U64)
             prev = block.reshape(count, self._lanes)
             out[:, j, :] = prev
-        return out.tobytes()[:n]
+        return _bytes_of(out) if n == count * SECTOR else out.tobytes()[:n]
 
 
 class ImageCrypto:

@@ -321,10 +321,30 @@ def _fuse_init(ops: QcowfsOperations, mountpoint: str, fuse_opts: set[str]) -> N
             os.close(saved)
 
 
+#: glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _reuse_freed_memory() -> None:
+    """Let glibc's malloc keep freed memory for the next request: blocks below 4 MiB come
+    from the heap, not from a fresh mmap, and up to 32 MiB of free heap is kept. A 1 MiB
+    request allocates a few 1 MiB buffers (pyfuse3's write buffer, the cipher's arrays);
+    fresh mappings fault in their 256 pages every time (page faults and clearing were 15%
+    of the daemon's samples on 1 MiB LUKS writes). Nothing where the C library is not glibc."""
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 4 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+
+
 def serve(disk, image: str, mountpoint: str, req: MountRequest, ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, then close the image. Returns the exit
     code; failures before the mount is live go to ``ready_fd`` (detached) or raise."""
     opts = req.options
+    _reuse_freed_memory()
     uid, gid = opts.owner()
     tree = Tree(disk, image, read_only=opts.read_only, uid=uid, gid=gid, umask=opts.umask)
     state = {"ready": False}
