@@ -339,8 +339,8 @@ def luks_section(rows: list[dict], when: str, mach: str, load: str) -> str:
             "one `EVP_Cipher` per 512-byte sector, about 1 µs each, most of it the call, "
             "not the AES), about 9 µs per 4 KiB; longer runs through numpy and "
             "`cryptography` calls (no Python loop per sector, see docs/design.md, "
-            "\"Encrypted images\"), about 2 ms per 1 MiB, so the 1 MiB rows are bound by "
-            "that throughput, far below the page-cache copy of the unencrypted image. Data "
+            "\"Encrypted images\"), about 0.8-0.9 ms per 1 MiB, in place, so the 1 MiB rows are bound "
+            "by that throughput, far below the page-cache copy of the unencrypted image. Data "
             "threads do not help: each libcrypto call drops and retakes the GIL, and eight "
             "hand-offs per 4 KiB between the loop and a thread cost more than they move. "
             "QEMU encrypts in C on its worker threads.\n")
