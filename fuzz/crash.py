@@ -5,7 +5,7 @@ Each run builds fresh images with qemu-img/qemu-io, then runs one operation in a
 process: COW writes with flushes, discard, snapshot create/delete/apply, commit, rebase (safe
 and ``-u``), resize grow and shrink, convert to qcow2, ``check -r all``, amend (lazy refcounts
 on and off, size, another refcount width, down to compat=0.10); the table ``OPS`` lists them. The child counts the
-calls that change files (pwrite, pwritev, write, fsync, ftruncate, replace, unlink) and, at
+calls that change files (pwrite, pwritev, write, fsync, fdatasync, ftruncate, replace, unlink) and, at
 the call the parent picked at random (1 to the count of a run on a copy, plus one), announces the kill
 point (``K n call``) and kills itself with SIGKILL, so every step of the operation is a
 possible kill point. Judged afterwards: ``qemu-img check`` finds no corruption (leaks
@@ -151,7 +151,7 @@ def hook(name, real):
     return call
 import qcowfs
 from qcowfs.cli.main import main
-for name in ("pwrite", "pwritev", "write", "fsync", "ftruncate", "replace", "unlink"):
+for name in ("pwrite", "pwritev", "write", "fsync", "fdatasync", "ftruncate", "replace", "unlink"):
     setattr(os, name, hook(name, getattr(os, name)))
 rnd = random.Random(seed)
 SIZE = int(sys.argv[4])
