@@ -143,6 +143,19 @@ REGRESSIONS = [
                  "rebuild the refcounts and fix COPIED flags before a later write was refused "
                  "(walk.py zero_alloc_fixes, check/repair.py fix_zero_alloc)",
                  id="zero-alloc-unaligned-fix-refused"),
+    pytest.param("refcount32", [("bytes@0x4215", 16917, "ae"), ("header.l1_size", 36, "00001000"),
+                                ("bytes@0x60d", 1549, "964ec8a80893b80d"),
+                                ("l2@0x4408", 17416, "000000000000efff")],
+                 ["check-r-all", JUDGE],
+                 "check -r all made it worse (qemu-img check: 10437 corruptions, then 10438; "
+                 "qemu-img's own repair leaves 10433; make fuzz, seed 2): the repair is refused "
+                 "by the overlap rule at the same entry as QEMU's, but QEMU marks the image "
+                 "corrupt by rewriting all of cluster 0 (its header update zero-fills the rest "
+                 "of the cluster), which clears bytes that the claimed L1 reads as L2 entries; "
+                 "qcowfs writes only the feature bits. Open: check/__init__.py check_image",
+                 marks=pytest.mark.xfail(strict=True, reason="open: the corrupt mark rewrites "
+                                         "only the feature bits, QEMU all of cluster 0"),
+                 id="corrupt-mark-keeps-header-cluster-tail"),
 ]
 
 
