@@ -1,4 +1,4 @@
-"""The write path's zero detection (``image.write.is_zero``): all-zero writes become zero
+"""Zero detection (``format.zeros.is_zero``, the write path's and convert's): all-zero writes become zero
 clusters, so it must be exact at every length and position, past its 2 MiB compare step too.
 (That zero writes become zero clusters as QEMU maps them is tests/test_write_interop.py.)"""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from qcowfs.image.write import is_zero
+from qcowfs.format.zeros import is_zero
 
 STEP = 1 << 21
 
@@ -28,3 +28,9 @@ def test_one_nonzero_byte_anywhere_is_seen(n):
 def test_bytes_and_views_of_bytes():
     assert is_zero(memoryview(bytes(8192))[4096:])
     assert not is_zero(memoryview(b"\0" * 100 + b"\1" + b"\0" * 100))
+
+
+def test_bounds():
+    data = b"\1" * 10 + bytes(5000) + b"\1"
+    assert is_zero(data, 10, 5010) and not is_zero(data, 9, 5010) and not is_zero(data, 10, 5011)
+    assert is_zero(data, 7, 7)

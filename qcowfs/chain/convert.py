@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from qcowfs.format.compression import compress_cluster
+from qcowfs.format.zeros import is_zero
 from qcowfs.image.create import QcowOptions, create_raw
 from qcowfs.image.hostfile import HostFile
 from qcowfs.image.writebehind import WriteBehind
@@ -42,12 +43,6 @@ Source = Disk | SnapshotDisk
 @functools.lru_cache(maxsize=64)
 def _zeros(n: int) -> bytes:
     return bytes(n)
-
-
-def _is_zero(data: bytes, start: int, end: int) -> bool:
-    """Whether data[start:end] is all zero bytes: one memory compare in place
-    (``bytes.startswith`` with bounds; a memoryview comparison goes byte by byte)."""
-    return data.startswith(_zeros(end - start), start, end)
 
 
 def _nonzero_runs(src: Source) -> Iterator[tuple[int, int]]:
@@ -77,13 +72,13 @@ def data_spans(data: bytes, pos: int, block: int = SPARSE_BLOCK) -> list[tuple[i
     over bytes: a zero block is found by searching for ``block`` zero bytes, and a zero run is
     followed in doubling steps."""
     n = len(data)
-    if _is_zero(data, 0, n):
+    if is_zero(data, 0, n):
         return []
     zero_block = _zeros(block)
     spans = []
     start = 0  # of the data span being built
     head = (-pos) % block  # a partial first block: shorter than the search string
-    if 0 < head < n and _is_zero(data, 0, head):
+    if 0 < head < n and is_zero(data, 0, head):
         start = head
     i = start
     while True:
@@ -94,13 +89,13 @@ def data_spans(data: bytes, pos: int, block: int = SPARSE_BLOCK) -> list[tuple[i
         if a >= n:
             break
         be = min(n, a + block - (pos + a) % block)
-        if not _is_zero(data, a, be):
+        if not is_zero(data, a, be):
             i = be
             continue
         e, step = be, block
         while e < n:
             m = min(step, n - e)
-            if _is_zero(data, e, e + m):
+            if is_zero(data, e, e + m):
                 e += m
                 step *= 2
             elif step == block:
@@ -112,7 +107,7 @@ def data_spans(data: bytes, pos: int, block: int = SPARSE_BLOCK) -> list[tuple[i
         start = i = e
     if start < n:
         tail = n - (pos + n) % block  # where a partial last block starts
-        end = tail if start < tail < n and _is_zero(data, tail, n) else n
+        end = tail if start < tail < n and is_zero(data, tail, n) else n
         spans.append((start, end))
     return spans
 
@@ -286,14 +281,14 @@ def _cluster_actions(data: bytes, below: bytes | None, cs: int, pos: int = 0,
                 written[k] = 1
     for i in range(len(data) // cs):
         start, end = i * cs, (i + 1) * cs
-        is_zero = _is_zero(data, start, end) and not (written and written[i])
+        zero = is_zero(data, start, end) and not (written and written[i])
         if below is not None:
             if data.startswith(below[start:end], start, end):
                 continue
-            if is_zero:
+            if zero:
                 out.append((i, "zero"))
                 continue
-        elif is_zero:
+        elif zero:
             continue
         out.append((i, "data"))
     return out

@@ -40,6 +40,7 @@ from qcowfs.format.tables import (
     ZERO_FLAG,
     encode_u64_table,
 )
+from qcowfs.format.zeros import is_zero
 from qcowfs.image import bitmaps as persistent
 from qcowfs.image.cow import ClusterWrites
 from qcowfs.image.hostfile import HostFile
@@ -48,17 +49,6 @@ from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.refcount import Refcounts
 
 _ZEROS = bytes(1 << 21)
-
-
-def is_zero(view: memoryview) -> bool:
-    """True when every byte of ``view`` is zero: one memory compare per 2 MiB with
-    ``bytes.startswith``, in place (comparing memoryviews goes byte by byte: 37 µs a 4 KiB
-    block, against 0.4 µs this way)."""
-    n = len(view)
-    if not n or view[0] or view[n - 1]:
-        return not n
-    step = len(_ZEROS)
-    return all(_ZEROS.startswith(view[pos:pos + step]) for pos in range(0, n, step))
 
 
 class Qcow2Writer(ClusterWrites):
