@@ -43,7 +43,9 @@ EXT_DATA_FILE = 0x44415441
 
 FEATURE_INCOMPAT, FEATURE_COMPAT, FEATURE_AUTOCLEAR = 0, 1, 2
 
-# The feature name table QEMU 7.2 writes; qcowfs writes the same one.
+# The feature name table QEMU 7.2 writes, whatever names the image held before; qcowfs
+# writes the same one, and like QEMU only where clusters are larger than this.
+FEATURE_TABLE_MIN_CLUSTER = 4096
 STANDARD_FEATURE_NAMES: dict[tuple[int, int], str] = {
     (FEATURE_INCOMPAT, 0): "dirty bit",
     (FEATURE_INCOMPAT, 1): "corrupt bit",
@@ -331,8 +333,9 @@ def serialize_header(h: Header) -> bytes:
     for text in (h.backing_file, h.backing_format, h.data_file):
         if text and "\0" in text:
             raise FormatError(None, "names in the header cannot contain NUL bytes")
-    # The feature name table is optional: like QEMU, leave it out when cluster 0 is too small.
-    for with_names in (True, False):
+    # QEMU 7.2 writes the feature name table only for clusters over 4 KiB, where it cannot
+    # crowd out a long backing name; when even then it does not fit, it is left out.
+    for with_names in (h.cluster_size > FEATURE_TABLE_MIN_CLUSTER, False):
         ext = _serialize_extensions(h, with_names)
         total = header_length + len(ext) + len(name)
         if total <= h.cluster_size:
@@ -373,11 +376,9 @@ def _serialize_extensions(h: Header, with_feature_names: bool) -> bytes:
         add(EXT_BITMAPS, _BITMAPS_EXT.pack(h.bitmaps.nb_bitmaps, 0, h.bitmaps.directory_size,
                                            h.bitmaps.directory_offset))
     if h.version >= 3 and with_feature_names:
-        names = dict(STANDARD_FEATURE_NAMES)
-        names.update(h.feature_names)
         table = bytearray()
-        for kind, bit in sorted(STANDARD_FEATURE_NAMES):
-            table += bytes([kind, bit]) + names[(kind, bit)].encode()[:46].ljust(46, b"\0")
+        for (kind, bit), text in sorted(STANDARD_FEATURE_NAMES.items()):
+            table += bytes([kind, bit]) + text.encode().ljust(46, b"\0")
         add(EXT_FEATURE_TABLE, bytes(table))
     for magic, data in h.unknown_extensions:
         add(magic, data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qcowfs.format import header as hdr
 
-from .backing import write_header
+from .header_update import write_header
 from .write import Qcow2Writer
 
 
@@ -36,8 +36,7 @@ def set_lazy_refcounts(w: Qcow2Writer, on: bool) -> None:
         w._stage_refcounts(force=True)
         if h.dirty:
             w._set_incompat(h.incompatible_features & ~hdr.INCOMPAT_DIRTY)
-    h.compatible_features = (h.compatible_features | hdr.COMPAT_LAZY_REFCOUNTS if on
-                             else h.compatible_features & ~hdr.COMPAT_LAZY_REFCOUNTS)
-    w.file.write(hdr.OFF_COMPAT, hdr.pack_u64(h.compatible_features))
-    w.file.sync()
+    write_header(w.img, h.replace(
+        compatible_features=(h.compatible_features | hdr.COMPAT_LAZY_REFCOUNTS if on
+                             else h.compatible_features & ~hdr.COMPAT_LAZY_REFCOUNTS)))
     w.lazy = on

@@ -24,7 +24,7 @@ from qcowfs.format.bitmaps import (
 )
 from qcowfs.format.record import field, record
 from qcowfs.format.tables import decode_u64_table, encode_u64_table
-from qcowfs.image.backing import write_header
+from qcowfs.image.header_update import write_header
 
 _ENTRY = struct.Struct(">QIIBBHI")
 TYPE_DIRTY_TRACKING = 1

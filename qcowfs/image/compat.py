@@ -24,7 +24,7 @@ from qcowfs.errors import ImageError
 from qcowfs.format import header as hdr
 from qcowfs.format.tables import COMPRESSED, COPIED, L1E_OFFSET_MASK, L2E_OFFSET_MASK, ZERO_FLAG
 from qcowfs.image import bitmaps as persistent
-from qcowfs.image.backing import write_header
+from qcowfs.image.header_update import write_header
 
 from .write import Qcow2Writer
 

@@ -17,7 +17,7 @@ from array import array
 
 from qcowfs.errors import ImageError
 from qcowfs.format.tables import encode_refblock, encode_u64_table, refcount_max
-from qcowfs.image.backing import write_header
+from qcowfs.image.header_update import write_header
 
 from .write import Qcow2Writer
 

@@ -43,6 +43,7 @@ from qcowfs.format.tables import (
 from qcowfs.format.zeros import is_zero
 from qcowfs.image import bitmaps as persistent
 from qcowfs.image.cow import ClusterWrites
+from qcowfs.image.header_update import set_incompatible
 from qcowfs.image.hostfile import HostFile
 from qcowfs.image.mapping import FillFn
 from qcowfs.image.qcow2 import Qcow2Image
@@ -204,9 +205,15 @@ class Qcow2Writer(ClusterWrites):
             self.bitmap_directory_at_open = None
 
     def _set_incompat(self, value: int) -> None:
-        self.header.incompatible_features = value
-        self.file.write(hdr.OFF_INCOMPAT, hdr.pack_u64(value))
-        self.file.sync()
+        """Setting the dirty bit writes those 8 bytes; every other change of the bits is a
+        header update of all of cluster 0, as QEMU makes them (header_update)."""
+        h = self.header
+        if value == h.incompatible_features | hdr.INCOMPAT_DIRTY:
+            h.incompatible_features = value
+            self.file.write(hdr.OFF_INCOMPAT, hdr.pack_u64(value))
+            self.file.sync()
+        else:
+            set_incompatible(self.img, value)
 
     def mark_dirty(self) -> None:
         """With lazy refcounts: the dirty bit is durable before any metadata changes."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from qcowfs.errors import ImageError
 from qcowfs.format import header as hdr
+from qcowfs.image.header_update import set_incompatible
 from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.refcount_read import OnDiskRefcounts
 from qcowfs.image.walk import Tally, tally_references
@@ -50,12 +51,7 @@ def check_image(image: Qcow2Image, fix: int = 0) -> CheckResult:
                             f"events will be suppressed")
         if exc.args[1]:
             res.messages.append(f"{exc.args[1]}: Input/output error")
-        h = image.header
-        if h.version >= 3:
-            flags = h.incompatible_features | hdr.INCOMPAT_CORRUPT
-            image.file.write(hdr.OFF_INCOMPAT, flags.to_bytes(8, "big"))
-            image.file.sync()
-            h.incompatible_features = flags
+        set_incompatible(image, image.header.incompatible_features | hdr.INCOMPAT_CORRUPT)
         res.check_errors += 1
         res.aborted = "Input/output error"
         return res

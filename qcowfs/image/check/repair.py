@@ -22,6 +22,7 @@ from qcowfs.format.tables import (
     refcount_max,
 )
 from qcowfs.image import scanmode
+from qcowfs.image.header_update import set_incompatible
 from qcowfs.image.qcow2 import Qcow2Image
 from qcowfs.image.refcount_read import OnDiskRefcounts, UnreadableRefblock
 from qcowfs.image.walk import Tally
@@ -237,9 +238,7 @@ def mark_clean(image: Qcow2Image) -> None:
         return
     flags = h.incompatible_features & ~(hdr.INCOMPAT_DIRTY | hdr.INCOMPAT_CORRUPT)
     if flags != h.incompatible_features:
-        image.file.write(hdr.OFF_INCOMPAT, flags.to_bytes(8, "big"))
-        image.file.sync()
-        h.incompatible_features = flags
+        set_incompatible(image, flags)
 
 
 def rebuild_refcounts(image: Qcow2Image, tally: Tally) -> None:
