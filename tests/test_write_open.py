@@ -104,6 +104,33 @@ def test_write_into_metadata_marks_corrupt_instead_of_overwriting(tmp_path):
     assert info(path)["format-specific"]["data"]["corrupt"] is True
 
 
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_corrupt_mark_writes_cluster0_as_qemu(tmp_path, compat):
+    """A write that would land on metadata marks the image corrupt the way QEMU does, by a
+    header update of all of cluster 0: after the same refused write in qemu-io and in qcowfs,
+    cluster 0 is byte for byte the same, on v2 too (which has no corrupt bit: its header
+    extensions, here the backing format, must survive)."""
+    base = create(tmp_path / "base.qcow2", "1M")
+    seed = create(tmp_path / "seed.qcow2", "1M", backing=base.name, cwd=tmp_path, compat=compat)
+    qemu_io_write = ["qemu-io", "-f", "qcow2", "-c", "write -P 5 0 64k"]
+    subprocess.run([*qemu_io_write, str(seed)], check=True, capture_output=True)
+    l1_off = header_u64(seed, 40)
+    l2_off = header_u64(seed, l1_off) & 0x00FFFFFFFFFFFE00
+    poke(seed, l2_off, struct.pack(">Q", (1 << 63) | l1_off))
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "o.qcow2"
+    for path in (theirs, ours):
+        path.write_bytes(seed.read_bytes())
+    p = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 512", str(theirs)],
+                       capture_output=True, cwd=tmp_path)
+    assert b"Marking image as corrupt" in p.stderr + p.stdout
+    disk = qcowfs.open_image(str(ours), writable=True)
+    with pytest.raises(CorruptionError):
+        disk.write(0, b"\x09" * 512)
+    disk.close()
+    assert ours.read_bytes()[:65536] == theirs.read_bytes()[:65536]
+    assert info(ours)["backing-filename-format"] == "qcow2"
+
+
 def test_refcount_table_grows(tmp_path):
     """512-byte clusters with 64-bit refcounts: one refcount-table cluster covers 2 MiB."""
     path = create(tmp_path / "g.qcow2", "16M", cluster_size=512, refcount_bits=64)
