@@ -75,6 +75,23 @@ def test_read_write_open_clears_unknown_autoclear_bits(tmp_path):
     assert_check_clean(path)
 
 
+def test_clearing_autoclear_bits_rewrites_cluster0_as_qemu(tmp_path):
+    """The bits go by a header update of all of cluster 0, as when QEMU opens the image
+    read/write: stray bytes after the header are gone in both, and cluster 0 is the same."""
+    seed = create(tmp_path / "seed.qcow2", "8M", cluster_size=4096)
+    poke(seed, 88, struct.pack(">Q", 1 << 7))
+    poke(seed, 4000, b"\x5a" * 8)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "o.qcow2"
+    for path in (theirs, ours):
+        path.write_bytes(seed.read_bytes())
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read 0 512", str(theirs)], check=True,
+                   capture_output=True)
+    with qcowfs.open_image(str(ours), writable=True):
+        pass
+    assert theirs.read_bytes()[4000:4008] == bytes(8)
+    assert ours.read_bytes()[:4096] == theirs.read_bytes()[:4096]
+
+
 def test_corrupt_image_is_refused_read_write_but_readable(tmp_path):
     path = create(tmp_path / "c.qcow2", "1M")
     poke(path, 72, struct.pack(">Q", 2))

@@ -43,7 +43,7 @@ from qcowfs.format.tables import (
 from qcowfs.format.zeros import is_zero
 from qcowfs.image import bitmaps as persistent
 from qcowfs.image.cow import ClusterWrites
-from qcowfs.image.header_update import set_incompatible
+from qcowfs.image.header_update import set_incompatible, write_header
 from qcowfs.image.hostfile import HostFile
 from qcowfs.image.mapping import FillFn
 from qcowfs.image.qcow2 import Qcow2Image
@@ -149,9 +149,7 @@ class Qcow2Writer(ClusterWrites):
                     self.file.write(ext.directory_offset, marked)
                     self.file.sync()
         if h.autoclear_features & ~known:
-            h.autoclear_features &= known
-            self.file.write(hdr.OFF_AUTOCLEAR, hdr.pack_u64(h.autoclear_features))
-            self.file.sync()
+            write_header(self.img, h.replace(autoclear_features=h.autoclear_features & known))
 
     def _load_bitmaps(self, directory: bytes) -> None:
         try:
