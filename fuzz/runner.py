@@ -149,7 +149,8 @@ WARM_MODULES = ("qcowfs.chain.disk", "qcowfs.cli.main", "qcowfs.cli.info", "qcow
                 "qcowfs.cli.check", "qcowfs.cli.convert", "qcowfs.image.check",
                 "qcowfs.image.info", "qcowfs.image.sequential", "qcowfs.chain.convert",
                 "qcowfs.chain.blockstatus", "qcowfs.chain.info", "qcowfs.cli.snapshot",
-                "qcowfs.image.write", "qcowfs.image.refcount", "zstandard")
+                "qcowfs.image.write", "qcowfs.image.refcount", "zstandard",
+                "qcowfs.image.crypto")  # numpy and cryptography: the encrypted seeds
 
 
 def warm() -> None:
