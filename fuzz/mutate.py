@@ -29,6 +29,25 @@ HEADER_FIELDS_V3 = [
 ]
 
 
+LUKS_EXT = 0x0537BE77  # the full-disk-encryption header extension: u64 offset, u64 length
+# (name, offset, width) of the LUKS1 header's numeric fields, and of each key slot's (48 bytes
+# apart from offset 208); the text fields (cipher name, mode, hash) are 32 bytes each.
+LUKS_FIELDS = [("payload_offset", 104, 4), ("key_bytes", 108, 4), ("mk_digest_iter", 164, 4),
+               ("version", 6, 2)]
+LUKS_SLOT_FIELDS = [("active", 0, 4), ("iterations", 4, 4), ("key_offset", 40, 4),
+                    ("stripes", 44, 4)]
+LUKS_SLOTS, LUKS_SLOT_AT, LUKS_SLOT_SIZE, LUKS_HEADER = 8, 208, 48, 592
+LUKS_TEXT = {
+    "cipher_name": (8, ["aes", "serpent", "twofish", "cast5", "sm4", "des3_ede", "", "AES",
+                        "aes\xff", "x" * 32]),
+    "cipher_mode": (40, ["xts-plain64", "cbc-essiv:sha256", "cbc-plain", "cbc-plain64", "ecb",
+                         "xts-essiv:sha512", "cbc-essiv:nohash", "cbc-essiv:", "xts-", "xts",
+                         "ctr-plain64", "cbc-benbi", "-", "x" * 32]),
+    "hash_spec": (72, ["sha1", "sha256", "sha512", "ripemd160", "md5", "whirlpool", "",
+                       "x" * 32]),
+}
+
+
 @dataclass(frozen=True)
 class Patch:
     where: str
@@ -66,6 +85,7 @@ class Layout:
     snapshot_l1: list[int] = field(default_factory=list)
     bitmap_dir: tuple[int, int] | None = None  # (offset, size)
     bitmap_tables: list[int] = field(default_factory=list)
+    luks: tuple[int, int, int] | None = None  # (extension offset, header offset, area length)
     metadata: list[int] = field(default_factory=list)  # cluster offsets of metadata
 
     def u32(self, o: int) -> int:
@@ -96,6 +116,9 @@ def parse(data: bytes) -> Layout:
             break
         if magic == 0x23852875 and length == 24:
             lay.bitmap_dir = (lay.u64(pos + 24), lay.u64(pos + 16))
+        if magic == LUKS_EXT and length == 16:
+            lay.luks = (pos, lay.u64(pos + 8), lay.u64(pos + 16))
+            lay.metadata.append(lay.luks[1])
         pos += 8 + ((length + 7) & ~7)
     l1_off, l1_size = lay.u64(40), lay.u32(36)
     lay.metadata += [0, l1_off]
@@ -159,7 +182,8 @@ class Mutator:
         r = self.rng
         kinds = [self._header] * 4 + [self._extension] * 2 + [self._l1] * 2 + [self._l2] * 3 \
             + [self._refcount] * 2 + [self._snapshot] * 2 + [self._bitmap] * 2 \
-            + [self._compressed] * 2 + [self._subclusters] + [self._random] + [self._truncate]
+            + [self._compressed] * 2 + [self._subclusters] + [self._random] + [self._truncate] \
+            + [self._luks] * 4
         for _ in range(8):
             p = r.choice(kinds)(lay)
             if p is not None:
@@ -301,6 +325,46 @@ class Mutator:
                   ("extra_data_size", 20, 4)]
         name, f_off, width = self.rng.choice(fields)
         return self._patch_int(lay, f"bitmap_dir.{name}", off + f_off, width)
+
+    def _luks(self, lay: Layout) -> Patch | None:
+        """The encryption extension's offset and length, the LUKS1 header's numbers (payload
+        offset, key size, PBKDF2 iterations of the digest and of each slot, slot states, key
+        material offsets and stripes), its algorithm names, random bytes in the header and in
+        the key material."""
+        if not lay.luks:
+            return None
+        r = self.rng
+        ext, at, area = lay.luks
+        pick = r.random()
+        if pick < 0.12:
+            name, off = r.choice([("offset", 8), ("length", 16)])
+            return self._patch_int(lay, f"luks_ext.{name}", ext + off, 8)
+        if pick < 0.3:
+            name, off, width = r.choice(LUKS_FIELDS)
+            return self._patch_int(lay, f"luks.{name}", at + off, width)
+        if pick < 0.6:
+            i = r.randrange(LUKS_SLOTS)
+            name, off, width = r.choice(LUKS_SLOT_FIELDS)
+            o = at + LUKS_SLOT_AT + i * LUKS_SLOT_SIZE + off
+            if name == "active" and r.random() < 0.6:  # the two states QEMU writes
+                old = lay.u32(o)
+                new = 0x0000DEAD if old == 0x00AC71F3 else 0x00AC71F3
+                return Patch(f"luks.slot[{i}].active", o, new.to_bytes(4, "big"))
+            return self._patch_int(lay, f"luks.slot[{i}].{name}", o, width)
+        if pick < 0.75:
+            name = r.choice(list(LUKS_TEXT))
+            off, names = LUKS_TEXT[name]
+            text = r.choice(names).encode("latin-1")[:32]
+            return Patch(f"luks.{name}", at + off, text.ljust(32, b"\0"))
+        if pick < 0.85:
+            o = at + r.randrange(LUKS_HEADER)
+        elif pick < 0.93:  # the first slot's key material (where QEMU puts it)
+            o = at + 4096 + r.randrange(max(1, lay.u32(at + 108) * 4000))
+        else:
+            o = at + r.randrange(max(1, min(area, len(lay.data) - at)))
+        if o >= len(lay.data):
+            return None
+        return Patch(f"luks.bytes@{o:#x}", o, r.randbytes(r.choice((1, 2, 4, 8, 16))))
 
     def _random(self, lay: Layout) -> Patch:
         r = self.rng

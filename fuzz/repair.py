@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 from fuzz.mutate import parse
-from fuzz.seeds import TOP
+from fuzz.seeds import KEY_FILE, TOP, image_opts
 
 #: Guest views larger than this are not compared byte for byte (the 4 TiB sparse seed).
 COMPARE_LIMIT = 64 * 1024 * 1024
@@ -37,8 +37,20 @@ def _qemu(*args: str, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
     return p
 
 
+def source(img: Path, name: str | None = None) -> list[str]:
+    """qemu-img's arguments naming ``img`` (as ``name``, default its own): the plain file name,
+    or for an encrypted case (a KEY_FILE beside it) the secret and the ``--image-opts`` form."""
+    name = name or img.name
+    key = img.parent / KEY_FILE
+    if not key.exists():
+        return [name]
+    return ["--object", f"secret,id=s0,data={key.read_text()}", "--image-opts",
+            image_opts(name, 0)]
+
+
 def qemu_check(img: Path) -> tuple[int, dict]:
-    p = subprocess.run(["qemu-img", "check", "-U", "--output=json", img.name], cwd=img.parent,
+    p = subprocess.run(["qemu-img", "check", "-U", "--output=json", *source(img)],
+                       cwd=img.parent,
                        capture_output=True, text=True, errors="replace", timeout=60)
     try:
         return p.returncode, json.loads(p.stdout or "{}")
@@ -52,7 +64,8 @@ def qemu_repair(img: Path) -> tuple[int, dict]:
     copy = img.with_name(img.name + ".qemu-repair")
     try:
         shutil.copyfile(img, copy)
-        subprocess.run(["qemu-img", "check", "-r", "all", copy.name], cwd=img.parent,
+        subprocess.run(["qemu-img", "check", "-r", "all", *source(img, copy.name)],
+                       cwd=img.parent,
                        capture_output=True, timeout=60)
         return qemu_check(copy)
     finally:
@@ -66,7 +79,7 @@ def guest_view(img: Path) -> bytes | None:
         return None
     out = img.with_name(img.name + ".view.raw")
     try:
-        _qemu("convert", "-U", "-O", "raw", img.name, out.name, cwd=img.parent)
+        _qemu("convert", "-U", "-O", "raw", *source(img), out.name, cwd=img.parent)
         return out.read_bytes()
     finally:
         out.unlink(missing_ok=True)
@@ -74,7 +87,8 @@ def guest_view(img: Path) -> bytes | None:
 
 def host_map(img: Path, cs: int) -> dict[int, int]:
     """guest cluster -> host cluster of the image's own data (qemu-img map, depth 0)."""
-    entries = json.loads(_qemu("map", "-U", "--output=json", img.name, cwd=img.parent).stdout)
+    entries = json.loads(_qemu("map", "-U", "--output=json", *source(img),
+                               cwd=img.parent).stdout)
     out: dict[int, int] = {}
     for e in entries:
         if e["depth"] == 0 and e.get("offset") is not None:

@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuzz.seeds import TOP
+from fuzz.seeds import KEY_FILE, TOP, image_opts
 
 MiB = 1024 * 1024
 MEMORY_BUDGET = int(os.environ.get("FUZZ_MEMORY_MIB", "512")) * MiB
@@ -88,11 +88,18 @@ STEPS: dict[str, Step] = {
     "amend-size": _step(OK, "amend", "-q", "-o", "size=200M", TOP, folder="amend-size",
                         fresh=True),
 }
+#: Steps run only on an encrypted seed's mutants, given a wrong key: the one-line error, exit
+#: 1, on a LUKS mutant (exit 0 too where the mutant is no longer LUKS: qemu-img ignores a key
+#: for a plain image, and legacy AES has no key check, a wrong key reads garbage).
+KEYED_STEPS: dict[str, Step] = {
+    "wrong-key": _step(OK, "map", "--output", "json", TOP),
+}
+WRONG_KEY = "not-the-key"
 LIBRARY_STEPS = ("read", "write")
 ORDER = ["read", "info", "info-chain", "map", "check", "convert", "compare", "snapshot-list",
          "write", "check-r-all", "check-after", "commit", "commit-into", "rebase",
          "rebase-over", "rebase-u", "resize-grow", "resize-shrink", "snapshot-create",
-         "snapshot-apply", "snapshot-delete", "amend-lazy-on", "amend-lazy-off", "amend-size"]
+         "snapshot-apply", "snapshot-delete", "amend-lazy-on", "amend-lazy-off", "amend-size", "wrong-key"]
 #: Steps that must come first in a run of one step alone (a hang's confirmation).
 NEEDS = {"check-after": ["check-r-all"], "snapshot-apply": ["snapshot-create"],
          "snapshot-delete": ["snapshot-create", "snapshot-apply"],
@@ -102,6 +109,9 @@ NEEDS = {"check-after": ["check-r-all"], "snapshot-apply": ["snapshot-create"],
 def alone(step: str) -> list[str]:
     """``step`` with the steps whose copy it works on."""
     return [*NEEDS.get(step, []), step]
+
+
+ALL_STEPS = {**STEPS, **KEYED_STEPS}
 
 
 @dataclass
@@ -139,7 +149,8 @@ WARM_MODULES = ("qcowfs.chain.disk", "qcowfs.cli.main", "qcowfs.cli.info", "qcow
                 "qcowfs.cli.check", "qcowfs.cli.convert", "qcowfs.image.check",
                 "qcowfs.image.info", "qcowfs.image.sequential", "qcowfs.chain.convert",
                 "qcowfs.chain.blockstatus", "qcowfs.chain.info", "qcowfs.cli.snapshot",
-                "qcowfs.image.write", "qcowfs.image.refcount", "zstandard")
+                "qcowfs.image.write", "qcowfs.image.refcount", "zstandard",
+                "qcowfs.image.crypto")  # numpy and cryptography: the encrypted seeds
 
 
 def warm() -> None:
@@ -151,7 +162,7 @@ def warm() -> None:
             importlib.import_module(name)
 
 
-def library_reads(path: str, rng: random.Random) -> None:
+def library_reads(path: str, rng: random.Random, key: bytes | None = None) -> None:
     """Open the image as a library user would and read bounded pieces of the disk and of
     each snapshot: the start, the end, a few random spots."""
     import qcowfs
@@ -163,7 +174,7 @@ def library_reads(path: str, rng: random.Random) -> None:
         for off, n in spots:
             view.read(off, n)
 
-    with qcowfs.open_image(path) as disk:
+    with qcowfs.open_image(path, keys=None if key is None else {0: key}) as disk:
         read_view(disk)
         for snap in disk.snapshots[:4]:
             try:
@@ -173,19 +184,28 @@ def library_reads(path: str, rng: random.Random) -> None:
                 pass
 
 
-def library_write(path: str) -> None:
+def library_write(path: str, key: bytes | None = None) -> None:
     """Open a copy read/write (dirty repair, bitmap flags, allocation on hostile tables), write
     at the start and the middle, flush, close."""
     import qcowfs
 
     shutil.copyfile(path, "written.qcow2")
-    with qcowfs.open_image("written.qcow2", writable=True) as disk:
+    with qcowfs.open_image("written.qcow2", writable=True,
+                           keys=None if key is None else {0: key}) as disk:
         disk.write(0, b"\x5a" * 4096)
         disk.write(disk.size // 2, b"\xa5" * 70000)
         disk.flush()
 
 
 SCRATCH = ("stdout", "hang.txt", "out.raw", "written.qcow2")
+
+
+def keyed_argv(argv: tuple[str, ...], key: str) -> list[str]:
+    """``argv`` in qemu-img's forms for an encrypted mutant: secret s0 holds ``key``, the mutant
+    opens with ``--image-opts`` and the overlay over it names its key one level down."""
+    depth = {TOP: 0, OVERLAY: 1}
+    rest = [image_opts(a, depth[a]) if a in depth else a for a in argv[1:]]
+    return [argv[0], "--object", f"secret,id=s0,data={key}", "--image-opts", *rest]
 
 
 def _inputs() -> list[str]:
@@ -229,8 +249,14 @@ def _child(case: Path, steps: list[str], limit: float, wfd: int) -> None:
     def say(text: str) -> None:
         os.write(wfd, (text.replace("\n", "\\n") + "\n").encode())
 
+    key = None
+    if os.path.exists(KEY_FILE):
+        with open(KEY_FILE) as f:
+            key = f.read()
     for step in steps:
-        spec = STEPS.get(step)
+        spec = STEPS.get(step) or KEYED_STEPS.get(step)
+        if step in KEYED_STEPS and key is None:
+            continue
         if spec and spec.fresh:
             _copy_into(spec.folder, names)
         _redirect(f"{step}.out")
@@ -242,16 +268,20 @@ def _child(case: Path, steps: list[str], limit: float, wfd: int) -> None:
         try:
             if step in LIBRARY_STEPS:
                 try:
+                    secret = None if key is None else key.encode()
                     if step == "read":
-                        library_reads(TOP, random.Random(1))
+                        library_reads(TOP, random.Random(1), secret)
                     else:
-                        library_write(TOP)
+                        library_write(TOP, secret)
                     code = 0
                 except ImageError:
                     code = 1
             else:
+                argv = list(spec.argv)
+                if key is not None:
+                    argv = keyed_argv(spec.argv, WRONG_KEY if step in KEYED_STEPS else key)
                 try:
-                    code = main(list(spec.argv))
+                    code = main(argv)
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
                 if step == "convert":
@@ -311,7 +341,7 @@ def run_case(case: Path, steps: list[str] | None = None, limit: float = 2.0) -> 
                 detail = (rest[0] if rest else "").replace("\\n", "\n")
                 if kind == "S":
                     current, started = step, time.monotonic()
-                    step_limit = limit * (STEPS[step].factor if step in STEPS else 1)
+                    step_limit = limit * (ALL_STEPS[step].factor if step in ALL_STEPS else 1)
                     continue
                 res.seconds[step] = time.monotonic() - started
                 done.add(step)
@@ -319,10 +349,16 @@ def run_case(case: Path, steps: list[str] | None = None, limit: float = 2.0) -> 
                 if kind == "E":
                     code = int(detail)
                     res.codes[step] = code
-                    allowed = OK if step in LIBRARY_STEPS else STEPS[step].codes
+                    allowed = OK if step in LIBRARY_STEPS else ALL_STEPS[step].codes
+                    out = _read(case / f"{step}.out")
                     if code not in allowed:
-                        res.finds.append(Find(step, "exit-code", f"exit {code}: "
-                                              + _read(case / f"{step}.out")[-600:]))
+                        res.finds.append(Find(step, "exit-code", f"exit {code}: " + out[-600:]))
+                    elif step in KEYED_STEPS and code and not _one_line_error(out,
+                                                                            ALL_STEPS[step]):
+                        res.finds.append(Find(step, "message", out[-600:]))
+                    elif step in KEYED_STEPS and not code and _crypt_method(case / TOP) == 2:
+                        res.finds.append(Find(step, "wrong-key", "a wrong key opened a LUKS "
+                                              "image: " + out[-300:]))
                 elif kind == "X":
                     res.codes[step] = "traceback"
                     res.finds.append(Find(step, "traceback", detail))
@@ -343,6 +379,20 @@ def run_case(case: Path, steps: list[str] | None = None, limit: float = 2.0) -> 
     return res
 
 
+def _one_line_error(out: str, spec: Step) -> bool:
+    """The CLI's documented failure: one line, ``qcowfs: <command>: <what>: <why>``, at the end
+    (the step's output file holds stdout too: map may have begun its answer with "[")."""
+    tail = out[out.rfind("qcowfs: "):]
+    return out.count("qcowfs: ") == 1 and tail.startswith(f"qcowfs: {spec.argv[0]}: ") \
+        and tail.count("\n") == 1 and tail.endswith("\n")
+
+
+def _crypt_method(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(36)
+    return int.from_bytes(head[32:36], "big") if len(head) == 36 else 0
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -359,19 +409,20 @@ def mount_case(case: Path, limit: float) -> list[Find]:
     snapshot with mkdir and delete it and an older one with rmdir; unmount. Finds: a mount
     that hangs or exits outside {0, 1}, a reader that hangs or sees the daemon die (ENOTCONN)
     or an errno other than EIO (EEXIST/ENOENT/EBUSY/EROFS/ENOSPC where the call documents
-    them), an unmount that fails."""
+    them), an unmount that fails or hangs. Whatever happens, nothing is left behind: the mount
+    is detached and every process holding the mutant's copy open (the daemon) is killed."""
     mnt = case / "mnt"
     mnt.mkdir(exist_ok=True)
     shutil.copyfile(case / TOP, case / MOUNTED)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("NOTIFY_SOCKET", None)
+    key = ["-o", f"key_file={KEY_FILE}"] if (case / KEY_FILE).exists() else []
     finds: list[Find] = []
     try:
-        try:
-            p = subprocess.run([sys.executable, "-m", "qcowfs", "mount", MOUNTED, "mnt"],
-                               cwd=case, capture_output=True, text=True, timeout=limit * 3,
-                               env=env)
-        except subprocess.TimeoutExpired:
+        # stdin from /dev/null: an encrypted mutant without a key would prompt on a terminal
+        p = _bounded([sys.executable, "-m", "qcowfs", "mount", *key, MOUNTED, "mnt"], case,
+                     limit * 3, env)
+        if p is None:
             return [Find("mount", "hang", "qcowfs mount did not return")]
         if p.returncode not in (0, 1):
             return [Find("mount", "exit-code", f"exit {p.returncode}: {p.stderr[-600:]}")]
@@ -379,21 +430,92 @@ def mount_case(case: Path, limit: float) -> list[Find]:
             return [Find("mount", "traceback", p.stderr[-2000:])]
         if p.returncode:
             return []
-        try:
-            r = subprocess.run([sys.executable, "-c", _MOUNT_READER, "mnt"], cwd=case,
-                               capture_output=True, text=True, timeout=limit * 6)
-            if r.returncode:
-                finds.append(Find("mount-io", "mount", r.stderr[-2000:]))
-        except subprocess.TimeoutExpired:
+        r = _bounded([sys.executable, "-c", _MOUNT_READER, "mnt"], case, limit * 6, None,
+                     on_timeout=lambda: release(case))
+        if r is None:
             finds.append(Find("mount-io", "hang", "I/O through the mount did not finish"))
-        u = subprocess.run([sys.executable, "-m", "qcowfs", "umount", "mnt"], cwd=case,
-                           capture_output=True, text=True, timeout=60, env=env)
-        if u.returncode and not finds:
+            return finds
+        if r.returncode:
+            finds.append(Find("mount-io", "mount", r.stderr[-2000:]))
+        u = _bounded([sys.executable, "-m", "qcowfs", "umount", "mnt"], case, 60, env,
+                     on_timeout=lambda: release(case))
+        if u is None:
+            finds.append(Find("umount", "hang", "qcowfs umount did not return"))
+        elif u.returncode and not finds:
             finds.append(Find("umount", "exit-code", f"exit {u.returncode}: {u.stderr[-600:]}"))
     finally:
-        force_unmount(mnt)
+        release(case)
         (case / MOUNTED).unlink(missing_ok=True)
     return finds
+
+
+def _bounded(argv: list[str], cwd: Path, seconds: float, env: dict | None,
+             on_timeout=None) -> subprocess.CompletedProcess | None:
+    """``argv`` run to its end, or None when it overran ``seconds``: then ``on_timeout`` runs
+    first (a process blocked in a FUSE request the daemon never answers cannot die before the
+    daemon does), and the process is killed and reaped."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
+    try:
+        out, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        if on_timeout:
+            on_timeout()
+        proc.kill()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            release(cwd)
+            proc.communicate()
+        return None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def release(case: Path) -> None:
+    """Leave nothing of a case's mount behind: detach ``case/mnt`` (lazily if need be), kill
+    every process of ours that holds ``case/mounted.qcow2`` open (the daemon, also one that
+    hangs before or after the mount went live), wait for them to go, detach again."""
+    mnt = case / "mnt"
+    if is_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    pids = holders(case / MOUNTED)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+        if pids:
+            time.sleep(0.05)
+    force_unmount(mnt)
+
+
+def holders(path: Path) -> list[int]:
+    """Our processes (other than this one) with an open file descriptor on ``path``."""
+    target = os.path.realpath(path)
+    uid, me = os.getuid(), os.getpid()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        fds = f"/proc/{name}/fd"
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            if any(os.readlink(f"{fds}/{fd}") == target for fd in os.listdir(fds)):
+                out.append(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 _MOUNT_READER = r"""

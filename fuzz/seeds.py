@@ -5,7 +5,12 @@ A seed is a folder: ``top.qcow2`` (the image the mutator changes) and the files 
 writing steps need: ``overlay.qcow2`` (backed by ``top.qcow2``, with a little data of its own:
 committed into the mutant, rebased away from it) and ``other.qcow2`` (a small plain image to
 rebase onto). Seeds are built once
-per recipe version into a cache folder and reused by every case and every run."""
+per recipe version into a cache folder and reused by every case and every run.
+
+An encrypted seed (LUKS or legacy AES) also holds ``secret.key``, its password (no newline):
+the runner passes it to every step in qemu-img's forms (``--object secret`` and
+``--image-opts``), to the library as ``keys`` and to the mount as ``-o key_file=``. LUKS key
+slots are made with ``encrypt.iter-time=10`` so an unlock costs milliseconds."""
 
 from __future__ import annotations
 
@@ -20,10 +25,17 @@ from pathlib import Path
 KiB = 1024
 MiB = 1024 * KiB
 TOP = "top.qcow2"
+#: the password of an encrypted seed, in its folder as KEY_FILE (the runner's signal)
+KEY = "fuzz-seed-key"
+KEY_FILE = "secret.key"
 
 
 def _run(*args: str, cwd: Path) -> None:
-    p = subprocess.run(list(args), cwd=cwd, capture_output=True, timeout=120)
+    for _attempt in range(12):
+        p = subprocess.run(list(args), cwd=cwd, capture_output=True, timeout=120)
+        # qemu-img times its key derivation and on a loaded machine sometimes gives up
+        if p.returncode == 0 or b"accurate CPU usage" not in p.stderr:
+            break
     if p.returncode not in (0,) and not (args[0] == "qemu-io" and p.returncode in (-9, 137)):
         raise RuntimeError(f"{' '.join(args)}: exit {p.returncode}: {p.stderr.decode()}")
 
@@ -34,11 +46,47 @@ def _create(d: Path, size: int | str, name: str = TOP, **opts) -> None:
          cwd=d)
 
 
-def _io(d: Path, *cmds: str, name: str = TOP, killed: bool = False) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
+def _io(d: Path, *cmds: str, name: str = TOP, killed: bool = False, depth: int | None = None
+        ) -> None:
+    """qemu-io ``cmds`` on ``name``; ``depth``: the layer of the chain that is encrypted
+    with KEY (0 the image itself, 1 its backing file)."""
+    args = ["qemu-io"]
+    if depth is None:
+        args += ["-f", "qcow2"]
+    else:
+        args += ["--object", f"secret,id=s0,data={KEY}", "--image-opts"]
     for c in (*cmds, *(["sigraise 9"] if killed else [])):
         args += ["-c", c]
+    if depth is not None:
+        name = image_opts(name, depth)
     _run(*args, name, cwd=d)
+
+
+def image_opts(name: str, depth: int) -> str:
+    """The ``--image-opts`` string that opens ``name`` with secret s0 (``--object
+    secret,id=s0,data=KEY``) for the layer ``depth`` levels down its chain."""
+    return f"driver=qcow2,file.filename={name}," + "backing." * depth + "encrypt.key-secret=s0"
+
+
+def _encrypted(fmt: str, cs: int = 65536, backing: bool = False, **opts) -> Callable[[Path], None]:
+    """An encrypted image (``encrypt.format=fmt``) with the plain workload; ``backing``: over a
+    plain qcow2 base with data of its own."""
+    def build(d: Path) -> None:
+        size = 2 * MiB
+        extra = {"encrypt.format": fmt, "encrypt.key-secret": "s0", "cluster_size": cs, **opts}
+        if fmt == "luks":
+            extra["encrypt.iter-time"] = 10
+        back = []
+        if backing:
+            _create(d, size, name="base.qcow2", cluster_size=4096)
+            _io(d, "write -P 0x17 0 1M", name="base.qcow2")
+            back = ["-b", "base.qcow2", "-F", "qcow2"]
+        o = ",".join(f"{k}={v}" for k, v in extra.items())
+        _run("qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s0,data={KEY}",
+             *back, "-o", o, TOP, str(size), cwd=d)
+        _io(d, *_workload(cs, size), depth=0)
+        (d / KEY_FILE).write_text(KEY)
+    return build
 
 
 def _workload(cs: int, size: int) -> list[str]:
@@ -160,6 +208,12 @@ SEEDS: dict[str, Callable[[Path], None]] = {
     "chain": _chain,
     "raw-chain": _raw_chain,
     "huge-sparse": _huge_sparse,
+    "luks": _encrypted("luks"),
+    "luks-essiv": _encrypted("luks", 4096, **{
+        "encrypt.cipher-mode": "cbc", "encrypt.ivgen-alg": "essiv",
+        "encrypt.ivgen-hash-alg": "sha256", "encrypt.hash-alg": "sha1"}),
+    "luks-overlay": _encrypted("luks", 4096, backing=True),
+    "aes": _encrypted("aes", 4096),
 }
 
 
@@ -170,9 +224,10 @@ def _companions(d: Path) -> None:
                           capture_output=True, text=True, check=True)
     size = json.loads(info.stdout)["virtual-size"]
     _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", TOP, "-F", "qcow2",
-         "-o", "cluster_size=65536", "overlay.qcow2", cwd=d)
+         "-o", "cluster_size=65536", "overlay.qcow2", str(size), cwd=d)
+    keyed = (d / KEY_FILE).exists()
     _io(d, "write -P 0x61 0 65536", f"write -P 0x62 {size // 2 // 65536 * 65536} 4096",
-        name="overlay.qcow2")
+        name="overlay.qcow2", depth=1 if keyed else None)
     _create(d, 1 * MiB, name="other.qcow2", cluster_size=65536)
     _io(d, "write -P 0x63 0 8192", name="other.qcow2")
 

@@ -142,7 +142,7 @@ def validate(h: LuksHeader, area: int) -> None:
                                      f"supported")
     if h.hash_spec not in HASHES:
         raise UnsupportedError(None, f"LUKS hash {h.hash_spec!r} is not supported")
-    if h.mk_digest_iter > MAX_ITERATIONS:
+    if h.mk_digest_iter > MAX_ITERATIONS or not h.mk_digest_iter:
         raise UnsupportedError(None, f"LUKS master key digest asks for {h.mk_digest_iter} "
                                      f"PBKDF2 iterations")
     for i, slot in enumerate(h.slots):
