@@ -43,7 +43,8 @@ $(VENV)/.stamp: pyproject.toml $(wildcard packaging/pyfuse3-*.patch)
 # A compat-mode editable install is one path line in a .pth file; the default mode installs an
 # import hook whose own imports (pathlib, importlib.util, ...) cost every qcowfs start about
 # 20 ms. Venvs made before this rule get reinstalled once, without their dependencies.
-$(VENV)/.editable-compat: $(VENV)/.stamp
+# It also builds the optional C sector loop in place (setup.py), again when its source changes.
+$(VENV)/.editable-compat: $(VENV)/.stamp setup.py qcowfs/image/_sectors.c
 	$(VPY) -m pip install -q --no-deps -e . --config-settings editable_mode=compat
 	@touch $@
 
@@ -81,3 +82,4 @@ install-helper: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -f qcowfs/image/_sectors*.so

@@ -218,7 +218,7 @@ def test_mount_refuses_the_folder_that_holds_the_image(tmp_path):
 # --- a fresh venv: pip install . alone ------------------------------------------------------
 
 _BUILT = shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__",
-                                ".pytest_cache", ".ruff_cache", ".hypothesis")
+                                ".pytest_cache", ".ruff_cache", ".hypothesis", "*.so")
 
 
 def _not_source(folder: str, names: list[str]) -> set[str]:

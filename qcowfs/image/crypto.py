@@ -113,6 +113,8 @@ _SMALL = 16
 _EVP_SECTORS = {"xts": 16, "cbc": 16}
 #: CBC encryption is sequential on the array path (32 ECB calls a run): libcrypto longer
 _EVP_SECTORS_CBC_ENCRYPT = 64
+#: with the C loop (qcowfs/image/_sectors.c) libcrypto takes runs up to this many sectors
+_LOOP_SECTORS = 1 << 30
 
 
 @functools.lru_cache(maxsize=64)
@@ -157,9 +159,11 @@ class SectorCipher:
             self._chain = 0
             self._chain_lock = threading.Lock()
         self._essiv = None
+        essiv_key = None
         if ivgen == "essiv":
             digest = hashlib.new(ivgen_hash, key).digest()
-            self._essiv, _ = _ecb(cipher, _essiv_key(cipher, digest))
+            essiv_key = _essiv_key(cipher, digest)
+            self._essiv, _ = _ecb(cipher, essiv_key)
         elif ivgen not in ("plain", "plain64") and mode != "ecb":
             raise UnsupportedError(None, f"IV generator {ivgen!r} is not supported")
         self._evp = None
@@ -167,15 +171,18 @@ class SectorCipher:
         self._evp_encrypt = _EVP_SECTORS_CBC_ENCRYPT if mode == "cbc" else self._evp_decrypt
         if fast and cipher == "aes" and mode in ("xts", "cbc"):
             self._evp = self._open_evp(f"aes-{len(data_key) * 8}-{mode}",
-                                       key if mode == "xts" else data_key)
+                                       key if mode == "xts" else data_key, essiv_key)
+        if self._evp is not None and self._evp.loop is not None:
+            self._evp_decrypt = self._evp_encrypt = _LOOP_SECTORS
 
-    def _open_evp(self, name: str, key: bytes):
+    def _open_evp(self, name: str, key: bytes, essiv_key: bytes | None):
         """libcrypto's context for this cipher and key (:mod:`qcowfs.image.evp`), kept only
         when it encrypts and decrypts a known run exactly as the array path does (first
-        with the IV written in place, else with one IV call per sector); None otherwise."""
+        with the IV written in place, else with one IV call per sector; the C loop too,
+        which is dropped if it differs); None otherwise."""
         try:
             from qcowfs.image import evp
-            fast = evp.EvpSectors(name, key, self.block)
+            fast = evp.EvpSectors(name, key, self.block, self.ivgen, essiv_key)
         except OSError:
             return None
         sample = bytes(range(256)) * 4
@@ -191,21 +198,35 @@ class SectorCipher:
             except OSError:
                 return None
             if enc == want and dec == sample:
+                if fast.loop is not None and not self._loop_agrees(fast, sample, want, sector):
+                    fast.loop = None
                 return fast
         return None
+
+    @staticmethod
+    def _loop_agrees(fast, sample: bytes, want: bytes, sector: int) -> bool:
+        enc, dec = bytearray(len(sample)), bytearray(len(sample))
+        try:
+            fast.sectors(sample, enc, sector, 2, True)
+            fast.sectors(want, dec, sector, 2, False)
+        except (OSError, ValueError, RuntimeError):
+            return False
+        return enc == want and dec == sample
 
     def _iv_bytes(self, sector: int, count: int) -> bytes:
         """The IV blocks of ``count`` sectors from ``sector``, as one integer product (no
         array work): plain64 counts in 64 bits, plain in 32 (wrapping), essiv encrypts
         plain64's blocks."""
         width = self.block
-        if self.ivgen == "plain":
-            sector &= 0xFFFFFFFF
-            if sector + count > 1 << 32:  # the 32-bit counter wraps inside this run
-                return b"".join(((sector + i) & 0xFFFFFFFF).to_bytes(width, "little")
-                                for i in range(count))
-        ones, iota = _iv_spread(count, width)
-        ivs = (sector * ones + iota).to_bytes(count * width, "little")
+        bits = 32 if self.ivgen == "plain" else 64
+        mask = (1 << bits) - 1
+        sector &= mask
+        if sector + count > 1 << bits:  # the counter wraps inside this run
+            ivs = b"".join(((sector + i) & mask).to_bytes(width, "little")
+                           for i in range(count))
+        else:
+            ones, iota = _iv_spread(count, width)
+            ivs = (sector * ones + iota).to_bytes(count * width, "little")
         return self._essiv.update(ivs) if self._essiv is not None else ivs
 
     def _ivs(self, sector: int, count: int) -> np.ndarray:
@@ -280,7 +301,7 @@ class SectorCipher:
         """Decrypt ``buf`` (whole sectors, writable) in place."""
         count = len(buf) >> 9
         if self._evp is not None and count <= self._evp_decrypt:
-            self._evp.run(buf, buf, self._iv_bytes(sector, count), count, False)
+            self._evp_into(buf, buf, sector, count, False)
         elif self.mode in ("xts", "cbc") and count > _SMALL:
             # In place: no output array, no bytes copy of it and no copy back (a 1 MiB
             # read spent half its time allocating, faulting in and copying those)
@@ -292,17 +313,24 @@ class SectorCipher:
         else:
             buf[:] = self.decrypt(buf, sector)
 
-    def _evp_run(self, data, sector: int, count: int, enc: bool) -> bytes:
+    def _evp_into(self, src, dst, sector: int, count: int, enc: bool) -> None:
+        evp = self._evp
+        if evp.loop is not None:
+            evp.sectors(src, dst, sector, count, enc)
+        else:
+            evp.run(src, dst, self._iv_bytes(sector, count), count, enc)
+
+    def _evp_run(self, data, sector: int, count: int, enc: bool):
         out = bytearray(len(data))
-        self._evp.run(data, out, self._iv_bytes(sector, count), count, enc)
-        return bytes(out)
+        self._evp_into(data, out, sector, count, enc)
+        return out if count > _SMALL else bytes(out)
 
     def decrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
             return self._dec.update(bytes(data))
         count = len(data) >> 9
         if self._evp is not None and count <= self._evp_decrypt and len(data) == count * SECTOR:
-            return self._evp_run(data, sector, count, False)
+            return bytes(self._evp_run(data, sector, count, False))
         if self.mode == "xts" and count <= _SMALL and len(data) == count * SECTOR:
             return self._xts_small(data, sector, count, self._dec)
         arr, count, n = self._shaped(data)
