@@ -412,7 +412,8 @@ def mount_case(case: Path, limit: float) -> list[Find]:
     them), an unmount that fails or hangs. Whatever happens, nothing is left behind: the mount
     is detached and every process holding the mutant's copy open (the daemon) is killed."""
     mnt = case / "mnt"
-    mnt.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(mnt)  # not Path.mkdir(exist_ok=True): its is_dir() would stat a hung mount
     shutil.copyfile(case / TOP, case / MOUNTED)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("NOTIFY_SOCKET", None)
@@ -581,7 +582,11 @@ os.listdir(root)
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
+    """Whether ``path`` is a mount point, read from /proc/self/mountinfo. Only the parent is
+    resolved: resolving ``path`` itself would stat the root of a mount whose daemon has stopped
+    answering, and block for ever."""
+    path = os.path.abspath(path)
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
 

@@ -260,8 +260,6 @@ with open(os.path.join(sys.argv[1], "disk"), "rb") as f:
 """
 
 
-@pytest.mark.skip(reason="hangs: fuzz.runner.is_mounted takes os.path.realpath of the mount "
-                  "point, which stats the root of the hung FUSE mount (see notes/fuzz4.md)")
 @pytest.mark.parametrize("stops", ["always", "once"])
 def test_a_mount_hang_is_confirmed_alone_and_leaves_nothing_behind(tmp_path, monkeypatch,
                                                                     stops):
