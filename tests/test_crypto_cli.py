@@ -143,6 +143,37 @@ def test_commit_of_a_plain_overlay_into_a_luks_base(tmp_path: Path):
     assert q.check_encrypted(base, [KEY])[0] == 0
 
 
+@pytest.mark.parametrize("fmt", ["luks", "aes"])
+def test_commit_of_an_encrypted_overlay_empties_it_as_qemu_img(tmp_path: Path, fmt: str):
+    """Without -d the encrypted top is emptied, as qemu-img empties it (QEMU discards every
+    cluster rather than rewriting the image, which would lose the key material): it keeps its
+    encryption and header, allocates nothing, and reads as the base."""
+    sides = {}
+    for side in ("qemu", "qcowfs"):
+        d = tmp_path / side
+        d.mkdir()
+        base = q.create(d / "base.qcow2", 8 * MiB)
+        q.qemu_io(base, "write -P 0x11 0 4M")
+        top = q.create_encrypted(d / "top.qcow2", 8 * MiB, KEY, backing=base.name,
+                                 encrypt_format=fmt)
+        q.qemu_io_encrypted(top, [KEY], "write -P 0x33 1M 1M", "write -P 0x44 6M 65536")
+        want = q.to_raw_encrypted(top, d / "want.raw", [KEY])
+        objects, opts = q.encrypted_opts(top, [KEY])
+        if side == "qemu":
+            q.qemu_img("commit", *objects, "--image-opts", opts)
+        else:
+            res = qcowfs("commit", *objects, "--image-opts", opts)
+            assert res.code == 0, res.err
+        assert q.to_raw(base, d / "base.raw") == want
+        assert q.to_raw_encrypted(top, d / "got.raw", [KEY]) == want
+        assert q.check_encrypted(top, [KEY])[0] == 0
+        assert q.info(top)["encrypted"]
+        sides[side] = json.loads(q.qemu_img("map", "--output=json", *objects, "--image-opts",
+                                            opts).stdout)
+    assert sides["qcowfs"] == sides["qemu"]
+    assert not any(e["depth"] == 0 for e in sides["qcowfs"])
+
+
 def test_rebase_of_a_luks_overlay_keeps_the_guest_view(tmp_path: Path):
     old = q.create(tmp_path / "old.qcow2", 4 * MiB)
     q.qemu_io(old, "write -P 0x31 0 4M")

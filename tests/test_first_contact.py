@@ -262,6 +262,20 @@ def test_fresh_venv_every_help_runs(fresh_venv, tmp_path, command):
 
 
 @pytest.mark.slow
+def test_fresh_venv_builds_the_sector_loop(fresh_venv, tmp_path):
+    """pip install . compiles the optional C sector loop (the machine has the compiler pyfuse3
+    needed), and the installed qcowfs binds it to libcrypto."""
+    code = ("import qcowfs.image._sectors as s, qcowfs.image.evp as e; "
+            "print(s.__file__); print(e._loop() is s)")
+    p = subprocess.run([fresh_venv / "bin" / "python", "-c", code], capture_output=True,
+                       text=True, env=_clean_env(), cwd=tmp_path, timeout=60)
+    assert p.returncode == 0, p.stderr
+    where, bound = p.stdout.split()
+    assert where.startswith(str(fresh_venv)) and where.endswith(".so")
+    assert bound == "True"
+
+
+@pytest.mark.slow
 @needs_fuse
 @pytest.mark.fuse
 def test_fresh_venv_mounts_reads_and_unmounts(fresh_venv, tmp_path):

@@ -5,8 +5,9 @@ guest sees it, into the base, which grows first when it is smaller. The base is 
 anything else happens, so the data is durable there before the top is emptied. Emptying works
 as QEMU's: a plain v3 top is replaced by a fresh one (same options, same backing file) made in a
 temporary file next to it and renamed over it, so at any moment the file is either the old top
-or the empty one; any other top (internal snapshots, bitmaps, an external data file, v2) has
-every cluster of its active disk discarded by the writer, so its snapshots keep their data.
+or the empty one; any other top (internal snapshots, bitmaps, an external data file, v2, an
+encrypted one, whose key material a fresh image would not carry) has every cluster of its
+active disk discarded by the writer, so its snapshots keep their data.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def commit(path: str, base: str | None = None, *, empty: bool = True, fmt: str |
         for layer in layers:
             layer.close()
     if empty:
-        make_empty(path)
+        make_empty(path, keys=keys)
     return base_path
 
 
@@ -86,19 +87,19 @@ def _base_depth(layers, base: str) -> int:
 def _check_can_empty(top) -> None:
     if not isinstance(top, Qcow2Image):
         raise UnsupportedError(top.path, "only a qcow2 image can be emptied after a commit")
-    if top.header.crypt_method:
-        raise UnsupportedError(top.path, "an encrypted image cannot be emptied after the "
-                                         "commit; use -d to keep its data")
 
 
 def _rewrite_possible(img: Qcow2Image) -> bool:
-    """QEMU's fast path: only a v3 image with nothing but the active disk is rewritten."""
+    """QEMU's fast path: only a plain v3 image with nothing but the active disk is
+    rewritten."""
     h = img.header
-    return h.version >= 3 and not (img.snapshots or h.has_data_file or h.bitmaps)
+    return h.version >= 3 and not (img.snapshots or h.has_data_file or h.bitmaps
+                                   or h.crypt_method)
 
 
-def make_empty(path: str) -> None:
-    """Empty the active disk of ``path``: every range reads its backing file again."""
+def make_empty(path: str, *, keys: Keys = None) -> None:
+    """Empty the active disk of ``path``: every range reads its backing file again
+    (``keys`` as for :func:`commit`)."""
     img = Qcow2Image.open(path, open_data_file=False)
     try:
         locking.acquire(img.file.fd, path, locking.LockMode.READ)
@@ -109,17 +110,17 @@ def make_empty(path: str) -> None:
     if rewrite:
         _rewrite_empty(path)
     else:
-        discard_all(path)
+        discard_all(path, keys=keys)
 
 
-def discard_all(path: str) -> None:
+def discard_all(path: str, *, keys: Keys = None) -> None:
     """Discard every cluster of the active disk of ``path`` (its snapshots keep theirs).
 
     The guest view does not change (after a commit the backing file holds the same data), so
     persistent bitmaps stay valid: the writer marks them in use when it opens the image, and
     their flags are put back once the discard is durable. A crash before that leaves them
     marked inconsistent, never wrong."""
-    disk = open_image(path, writable=True, format="qcow2")
+    disk = open_image(path, writable=True, format="qcow2", keys=keys)
     try:
         disk.discard(0, disk.size)
         disk.flush()
