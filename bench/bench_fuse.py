@@ -341,10 +341,11 @@ def luks_section(rows: list[dict], when: str, mach: str, load: str) -> str:
             "(see docs/design.md, \"Encrypted images\"). The 4 KiB rows are bound by the "
             "request path, as unencrypted. The 1 MiB rows are bound by one core's AES-XTS: "
             "the unencrypted request takes about 0.3 ms of CPU (fio, the kernel's copy, the "
-            "daemon), the cipher adds 0.4-0.5 ms to it, and with two cores even a perfect "
-            "split of the cipher over both (measured: a thread hand-off costs 50-60 µs here, "
-            "and the split was mixed at 1 MiB) leaves the request near 0.6 of the "
-            "unencrypted figure, below the 0.8 target. "
+            "daemon), the cipher adds 0.25-0.5 ms to it, and even a perfect split of the "
+            "cipher over both cores would leave the request near 0.6 of the unencrypted "
+            "figure, below the 0.8 target. The split itself does not pay on this machine: "
+            "half of a run on a second thread started by the C loop took 1 MiB from 260 µs to "
+            "260-400 µs (a Python hand-off, 50-60 µs, was no better). "
             "QEMU encrypts in C on its worker threads.\n")
 
 
