@@ -29,9 +29,22 @@ class QemuCannot(Exception):
     """QEMU itself cannot read the image: there is nothing to judge against."""
 
 
+#: the exit code a qemu-img run gets when it overran QEMU_SECONDS: QEMU cannot judge it
+QEMU_TIMEOUT = -1
+QEMU_SECONDS = 60
+
+
+def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``argv`` run to its end, or a result with exit QEMU_TIMEOUT when it overran."""
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, errors="replace",
+                              timeout=QEMU_SECONDS)  # a hostile name need not be UTF-8
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, QEMU_TIMEOUT, "", "timed out")
+
+
 def _qemu(*args: str, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
-    p = subprocess.run(["qemu-img", *args], cwd=cwd, capture_output=True, text=True,
-                       errors="replace", timeout=60)  # a hostile name need not be UTF-8
+    p = _run(["qemu-img", *args], cwd)
     if p.returncode not in ok:
         raise QemuCannot(f"qemu-img {args[0]}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
     return p
@@ -49,9 +62,7 @@ def source(img: Path, name: str | None = None) -> list[str]:
 
 
 def qemu_check(img: Path) -> tuple[int, dict]:
-    p = subprocess.run(["qemu-img", "check", "-U", "--output=json", *source(img)],
-                       cwd=img.parent,
-                       capture_output=True, text=True, errors="replace", timeout=60)
+    p = _run(["qemu-img", "check", "-U", "--output=json", *source(img)], img.parent)
     try:
         return p.returncode, json.loads(p.stdout or "{}")
     except json.JSONDecodeError:
@@ -64,9 +75,7 @@ def qemu_repair(img: Path) -> tuple[int, dict]:
     copy = img.with_name(img.name + ".qemu-repair")
     try:
         shutil.copyfile(img, copy)
-        subprocess.run(["qemu-img", "check", "-r", "all", *source(img, copy.name)],
-                       cwd=img.parent,
-                       capture_output=True, timeout=60)
+        _run(["qemu-img", "check", "-r", "all", *source(img, copy.name)], img.parent)
         return qemu_check(copy)
     finally:
         copy.unlink(missing_ok=True)

@@ -141,9 +141,9 @@ def check_copied(image: Qcow2Image, refs: OnDiskRefcounts, res: CheckResult, fix
     numpy_ok = scanmode.whole_tables(file_clusters) and not image.has_data_file
     for i, l1e in enumerate(l1):
         l2_off = l1e & L1E_OFFSET_MASK
-        if not l2_off or l2_off % cs:
+        if not l2_off:
             continue
-        try:
+        try:  # an unaligned table counts for the cluster it starts in, and is read there
             rc = refs.get_one(l2_off // cs)
         except UnreadableRefblock:
             rc = None
