@@ -320,10 +320,10 @@ class SectorCipher:
         else:
             evp.run(src, dst, self._iv_bytes(sector, count), count, enc)
 
-    def _evp_run(self, data, sector: int, count: int, enc: bool):
+    def _evp_run(self, data, sector: int, count: int, enc: bool) -> bytearray:
         out = bytearray(len(data))
         self._evp_into(data, out, sector, count, enc)
-        return out if count > _SMALL else bytes(out)
+        return out
 
     def decrypt(self, data, sector: int) -> bytes:
         if self.mode == "ecb":
@@ -352,7 +352,9 @@ class SectorCipher:
             np.bitwise_xor(plain[:, 1:, :], shifted, out=dest[:, 1:, :])
         return out
 
-    def encrypt(self, data, sector: int) -> bytes:
+    def encrypt(self, data, sector: int) -> bytes | bytearray:
+        """``data`` (whole sectors) encrypted; a bytearray from libcrypto (callers take any
+        buffer, and a 1 MiB run is not copied again into bytes)."""
         if self.mode == "ecb":
             return self._enc.update(bytes(data))
         count = len(data) >> 9
@@ -392,7 +394,7 @@ class ImageCrypto:
     def decrypt(self, data, host: int, guest: int) -> bytes:
         return self.cipher.decrypt(data, (host if self.physical else guest) // SECTOR)
 
-    def encrypt(self, data, host: int, guest: int) -> bytes:
+    def encrypt(self, data, host: int, guest: int) -> bytes | bytearray:
         return self.cipher.encrypt(data, (host if self.physical else guest) // SECTOR)
 
     def decrypt_into(self, buf, host: int, guest: int) -> None:
